@@ -1,0 +1,43 @@
+# r2m_lab — every target installs what it needs first (a fresh machine has nothing).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# Offline by default: no hub downloads, no albumentations update check, W&B writes locally.
+export HF_HUB_OFFLINE ?= 1
+export NO_ALBUMENTATIONS_UPDATE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: install demo test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Install, then run the whole method on the embedded synthetic benchmark (CPU, a few minutes).
+demo: install
+	$(BIN)/python -m r2m_lab
+
+## The full test suite, slow real-CLI tests included (this is what CI runs).
+test: install
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+
+## Skip the slow real-CLI tests (local iteration only; CI always runs them).
+test-fast: install
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf outputs multirun wandb .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Data: frame sources (the embedded synthetic benchmark, DeepfakeBench indexes), transforms and loaders."""

@@ -1,0 +1,102 @@
+"""Transforms (albumentations) and data loaders over :class:`~r2m_lab.data.sources.FrameSet`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from r2m_lab.data.sources import FrameSet
+
+
+def build_transform(input_cfg: Mapping[str, Any], augment: Sequence[A.BasicTransform] = ()) -> A.Compose:
+    """Augmentations (training only), then resize to the backbone's input and normalise as the backbone expects."""
+    size = int(input_cfg["input_size"])
+    return A.Compose(
+        [
+            *augment,
+            A.Resize(size, size),
+            A.Normalize(mean=input_cfg["mean"], std=input_cfg["std"], max_pixel_value=255.0),
+            ToTensorV2(),
+        ]
+    )
+
+
+class FrameDataset(Dataset):
+    """(image tensor (3, S, S), label, frame index) per frame."""
+
+    def __init__(self, frames: FrameSet, transform: A.Compose) -> None:
+        self.frames = frames
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        image = self.transform(image=self.frames.image(i))["image"]
+        return image, int(self.frames.labels[i]), i
+
+
+def balanced_sampler(labels: np.ndarray, num_samples: int, seed: int) -> WeightedRandomSampler:
+    """Draw real and fake frames with equal probability (with replacement), whatever the class ratio of the data."""
+    n_fake = int(labels.sum())
+    n_real = len(labels) - n_fake
+    if n_fake == 0 or n_real == 0:
+        raise ValueError(f"Cannot balance classes: {n_real} real and {n_fake} fake frames")
+    weights = np.where(labels == 1, 0.5 / n_fake, 0.5 / n_real)
+    gen = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples, True, generator=gen)
+
+
+class DetectionDataModule(L.LightningDataModule):
+    """Train on one FrameSet (class-balanced batches), validate on another."""
+
+    def __init__(
+        self,
+        train: FrameSet,
+        val: FrameSet,
+        train_transform: A.Compose,
+        eval_transform: A.Compose,
+        batch_size: int,
+        num_samples: int | None,
+        balanced: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.train_set = FrameDataset(train, train_transform)
+        self.val_set = FrameDataset(val, eval_transform)
+        self.batch_size = batch_size
+        self.num_samples = num_samples or len(train)
+        self.balanced = balanced
+        self.num_workers = num_workers
+        self.seed = seed
+
+    def train_dataloader(self) -> DataLoader:
+        labels = self.train_set.frames.labels
+        if self.balanced:
+            sampler = balanced_sampler(labels, self.num_samples, self.seed)
+        else:
+            gen = torch.Generator().manual_seed(self.seed)
+            sampler = torch.utils.data.RandomSampler(self.train_set, True, self.num_samples, generator=gen)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            drop_last=True,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return eval_loader(self.val_set, self.batch_size, self.num_workers)
+
+
+def eval_loader(dataset: FrameDataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)

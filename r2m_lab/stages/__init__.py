@@ -1,0 +1,27 @@
+"""Stages: ``stage(cfg) -> dict``, the only code that reads the whole config. ``STAGES`` dispatches ``cfg.stage.name``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig
+
+from r2m_lab.stages.evaluate import evaluate
+from r2m_lab.stages.finetune import finetune
+from r2m_lab.stages.merge import merge
+from r2m_lab.stages.pipeline import pipeline
+
+STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
+    "finetune": finetune,
+    "merge": merge,
+    "evaluate": evaluate,
+    "pipeline": pipeline,
+}
+
+
+def run_stage(cfg: DictConfig) -> dict[str, Any]:
+    name = cfg.stage.name
+    if name not in STAGES:
+        raise ValueError(f"Unknown stage {name!r}; valid stages: {sorted(STAGES)}")
+    return STAGES[name](cfg)

@@ -1,0 +1,148 @@
+"""stage=finetune: one specialist (or the joint model) fine-tuned from the shared θ₀ on one data config."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from r2m_lab.data.loaders import DetectionDataModule, FrameDataset, build_transform, eval_loader
+from r2m_lab.detector import score_frames
+from r2m_lab.evaluation.metrics import evaluate_scores, fit_threshold
+from r2m_lab.stages.common import (
+    build_detector,
+    build_logger,
+    close_logger,
+    ensure_base,
+    fingerprint,
+    input_cfg,
+    output_dir,
+    plain,
+    seed_all,
+    specialist_path,
+)
+from r2m_lab.weights import Checkpoint, atomic_write_json, save_detector, write_card
+
+log = logging.getLogger(__name__)
+
+
+def finetune(cfg: DictConfig) -> dict[str, Any]:
+    """Fine-tune a detector on ``cfg.data``; write it (safetensors + card) to its stable artifacts path."""
+    joint = cfg.benchmark.get("joint")
+    kind = "joint" if joint is not None and joint.name == cfg.data.name else "specialist"
+    card = train_detector(cfg, cfg.data, kind=kind, reuse=False)
+    atomic_write_json(output_dir(cfg) / "metrics.json", card)
+    return card
+
+
+def training_fingerprint(cfg: DictConfig, data_cfg: DictConfig, base_hash: str) -> str:
+    """Everything a trained detector depends on; equal fingerprints mean the artifact can be reused."""
+    return fingerprint(
+        {
+            "base": base_hash,
+            "data": plain(data_cfg),
+            "recipe": plain(cfg.backbone.recipe),
+            "seed": cfg.seed,
+            "precision": cfg.trainer.precision,
+        }
+    )
+
+
+def train_detector(
+    cfg: DictConfig, data_cfg: DictConfig, kind: str, reuse: bool, group: str | None = None
+) -> dict[str, Any]:
+    """Train on ``data_cfg`` (train split), validate on its val split, save atomically; return the card.
+
+    With ``reuse`` an existing artifact whose card has the same training fingerprint is returned instead.
+    """
+    source = instantiate(data_cfg)
+    # Read the data before building θ₀: a missing dataset should fail in a second, not after a pretext run.
+    train_frames, val_frames = source.frames("train"), source.frames("val")
+    base = Checkpoint(ensure_base(cfg))
+    path = specialist_path(cfg, data_cfg.name)
+    fp = training_fingerprint(cfg, data_cfg, base.base_hash)
+    if reuse and path.is_file():
+        card = Checkpoint(path).card()
+        if card.get("fingerprint") == fp:
+            log.info("Reusing %s %s (same fingerprint %s)", kind, path, fp)
+            return card
+    seed_all(cfg.seed)
+    recipe = cfg.backbone.recipe
+    model = build_detector(cfg, base, with_optimizer=True)
+    inputs = input_cfg(cfg, model)
+    augment = [instantiate(a) for a in recipe.augment]
+    # A joint model sees each family as often as its specialist does (the paper's joint training: same epochs, all data).
+    n_families = len(data_cfg.get("families") or [None])
+    max_steps = int(recipe.max_steps) * n_families if recipe.max_steps else -1
+    batch_size = int(recipe.batch_size)
+    datamodule = DetectionDataModule(
+        train_frames,
+        val_frames,
+        build_transform(inputs, augment),
+        build_transform(inputs),
+        batch_size=batch_size,
+        num_samples=max_steps * batch_size if max_steps > 0 else None,
+        balanced=bool(recipe.balanced),
+        num_workers=int(recipe.num_workers),
+        seed=int(cfg.seed),
+    )
+    logger = build_logger(cfg, name=f"{kind}-{data_cfg.name}", group=group)
+    trainer = instantiate(
+        cfg.trainer,
+        max_steps=max_steps,
+        max_epochs=int(recipe.max_epochs) if recipe.max_epochs else (1 if max_steps > 0 else None),
+        logger=logger if logger is not None else False,
+        default_root_dir=str(output_dir(cfg)),
+    )
+    log.info(
+        "Fine-tuning %s on %s: %d train frames (%d fake), %d val frames, %s steps",
+        kind,
+        data_cfg.name,
+        len(train_frames),
+        train_frames.n_fake,
+        len(val_frames),
+        max_steps if max_steps > 0 else f"{recipe.max_epochs} epochs of",
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    train_seconds = time.perf_counter() - start
+    close_logger(logger)
+    if not trainer.is_global_zero:
+        return {}
+    # Threshold and validation metrics: on the validation split, which is also what model selection may use.
+    val_scores = score_frames(
+        model,
+        eval_loader(FrameDataset(val_frames, build_transform(inputs)), int(cfg.eval_batch_size)),
+        device=model.device,
+    )
+    threshold = fit_threshold(val_scores, val_frames.labels, mode="eer")
+    val_metrics = evaluate_scores(val_scores, val_frames.labels, val_frames.video_ids, threshold)
+    state = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
+    head = {k: v.detach().cpu() for k, v in model.head.state_dict().items()}
+    save_detector(path, state, head, {"kind": kind, "base_hash": base.base_hash, "name": str(data_cfg.name)})
+    card = write_card(
+        path,
+        {
+            "kind": kind,
+            "name": str(data_cfg.name),
+            "backbone": str(cfg.backbone.name),
+            "base_hash": base.base_hash,
+            "base_checkpoint": str(base.path),
+            "data": plain(data_cfg),
+            "recipe": plain(recipe),
+            "seed": int(cfg.seed),
+            "max_steps": max_steps,
+            "train_frames": len(train_frames),
+            "train_seconds": round(train_seconds, 2),
+            "threshold": threshold,
+            "threshold_mode": "eer on val",
+            "val_metrics": val_metrics,
+            "fingerprint": fp,
+        },
+    )
+    log.info("%s %s: val AUC %.3f, written to %s", kind, data_cfg.name, val_metrics["frame"]["auc"], path)
+    return card
+

@@ -1,0 +1,186 @@
+"""Detector checkpoints: safetensors I/O (atomic), θ₀ hashing, lazy per-key access and the JSON/Markdown cards.
+
+A detector checkpoint is one safetensors file whose keys are ``backbone.<timm key>`` and ``head.weight`` /
+``head.bias``. Its header metadata records the kind (base | specialist | joint | merged) and the hash of the θ₀ it
+descends from; a card (``<stem>.json`` + ``<stem>.md``) beside it says how it was made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+BACKBONE_PREFIX = "backbone."
+HEAD_PREFIX = "head."
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename: a crash leaves no half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def state_dict_hash(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over (key, dtype, shape, bytes) in sorted key order: independent of file layout and key order."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().contiguous().cpu()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        # view as bytes so bfloat16 (no numpy dtype) hashes too
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_detector(
+    path: str | Path,
+    backbone: Mapping[str, torch.Tensor],
+    head: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+) -> None:
+    """Save backbone + head as one safetensors file, atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {BACKBONE_PREFIX + k: v.detach().contiguous().cpu() for k, v in backbone.items()}
+    tensors.update({HEAD_PREFIX + k: v.detach().contiguous().cpu() for k, v in head.items()})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class LazyStateDict(Mapping[str, torch.Tensor]):
+    """A read-only state dict over one prefix of a safetensors file; each access reads one tensor (memory-mapped).
+
+    Mergers iterate key by key over N of these, so peak memory stays near one model plus one key per specialist.
+    """
+
+    def __init__(self, path: str | Path, prefix: str = BACKBONE_PREFIX) -> None:
+        self.path = Path(path)
+        self.prefix = prefix
+        self._file = safe_open(str(self.path), framework="pt", device="cpu")
+        self._keys = [k[len(prefix) :] for k in self._file.keys() if k.startswith(prefix)]
+        self._key_set = set(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._key_set:
+            raise KeyError(f"{key!r} is not in {self.path} (prefix {self.prefix!r})")
+        return self._file.get_tensor(self.prefix + key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._file.metadata() or {})
+
+
+class Checkpoint:
+    """An opened detector checkpoint: lazy backbone, eager (tiny) head, header metadata."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"No checkpoint at {self.path}")
+        self.backbone = LazyStateDict(self.path, BACKBONE_PREFIX)
+        heads = LazyStateDict(self.path, HEAD_PREFIX)
+        if not len(self.backbone) or sorted(heads) != ["bias", "weight"]:
+            raise ValueError(
+                f"{self.path} is not an r2m_lab detector checkpoint: expected 'backbone.*' keys and "
+                f"'head.weight'/'head.bias', found {len(self.backbone)} backbone keys and head keys {sorted(heads)}"
+            )
+        self.head = {k: heads[k] for k in heads}
+        self.metadata = self.backbone.metadata()
+
+    @property
+    def base_hash(self) -> str:
+        return self.metadata.get("base_hash", "")
+
+    def backbone_state(self) -> dict[str, torch.Tensor]:
+        return {k: self.backbone[k] for k in self.backbone}
+
+    def card(self) -> dict[str, Any]:
+        p = card_path(self.path)
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def card_path(checkpoint: str | Path) -> Path:
+    return Path(checkpoint).with_suffix(".json")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    names = ["r2m_lab", "torch", "timm", "lightning", "hydra-core", "torchmetrics", "safetensors", "numpy"]
+    out = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = md.version(n)
+        except md.PackageNotFoundError:
+            out[n] = "not installed"
+    return out
+
+
+def write_card(checkpoint: str | Path, card: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``<stem>.json`` and a human ``<stem>.md`` beside a checkpoint; adds versions and the git commit."""
+    full = dict(card)
+    full.setdefault("checkpoint", str(Path(checkpoint).name))
+    full.setdefault("versions", library_versions())
+    full.setdefault("git_commit", git_commit())
+    atomic_write_json(card_path(checkpoint), full)
+    lines = [f"# {full.get('kind', 'detector')}: {full.get('name', Path(checkpoint).stem)}", ""]
+    for key in sorted(full):
+        value = full[key]
+        if isinstance(value, Mapping):
+            lines.append(f"- **{key}**:")
+            lines.extend(f"  - {k}: `{v}`" for k, v in sorted(value.items()))
+        else:
+            lines.append(f"- **{key}**: `{value}`")
+    atomic_write_text(Path(checkpoint).with_suffix(".md"), "\n".join(lines) + "\n")
+    return full

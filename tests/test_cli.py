@@ -1,0 +1,63 @@
+"""The real CLI in a subprocess (slow): the user's literal commands, multirun, and error messages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args: str, root: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "r2m_lab", *args, f"paths.root={root}"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_multirun_merge_sweep(trained_root, tmp_path):
+    shutil.copytree(trained_root / "artifacts", tmp_path / "artifacts")
+    proc = run_cli("-m", "stage=merge", "merger=average,task_arithmetic", "debug=smoke", root=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((tmp_path / "multirun").glob("*/*/*/metrics.json"))
+    assert len(runs) == 2
+    assert {p.parent.name for p in runs} == {"0_merger=average", "1_merger=task_arithmetic"}
+    assert len(list((tmp_path / "artifacts" / "merged").rglob("*.safetensors"))) == 2
+
+
+def test_user_merge_command_literally(trained_root, tmp_path):
+    shutil.copytree(trained_root / "artifacts", tmp_path / "artifacts")
+    proc = run_cli("stage=merge", "merger=r2m", "rank_ratio=0.1", "debug=smoke", root=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (card,) = (tmp_path / "artifacts" / "merged").rglob("r2m-*.json")
+    assert '"rank_ratio": 0.1' in card.read_text()
+
+
+def test_finetune_without_data_names_the_index(tmp_path):
+    proc = run_cli("stage=finetune", "data=faceforensics_df", root=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert str(tmp_path / "data" / "dataset_json" / "FF-DF.json") in proc.stderr
+
+
+def test_unknown_merger_lists_choices(tmp_path):
+    proc = run_cli("merger=nope", root=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "Available options" in proc.stderr and "task_arithmetic" in proc.stderr
+
+
+def test_help_lists_groups(tmp_path):
+    proc = run_cli("--help", root=tmp_path, timeout=120)
+    assert proc.returncode == 0
+    assert "merger: average, r2m, task_arithmetic" in proc.stdout
+

@@ -1,0 +1,82 @@
+"""Checkpoint I/O, θ₀ hashing, lazy per-key access, and loading real backbone weights from a local file."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from r2m_lab.backbones import create_backbone, make_head
+from r2m_lab.weights import Checkpoint, LazyStateDict, save_detector, state_dict_hash, write_card
+
+# A CLIP-architecture ViT at toy width, so the real loading path runs without a download.
+TOY_CLIP = {
+    "name": "clip_toy",
+    "model": "vit_base_patch16_clip_224.openai",
+    "kwargs": {"img_size": 32, "patch_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2},
+    "weights": {"path": None, "hub": False, "required": True},
+}
+
+
+def test_hash_ignores_order_but_not_values():
+    a = {"x": torch.arange(4.0), "y": torch.ones(2, 2, dtype=torch.bfloat16)}
+    b = {"y": a["y"].clone(), "x": a["x"].clone()}
+    assert state_dict_hash(a) == state_dict_hash(b)
+    b["x"][0] = 1e-6
+    assert state_dict_hash(a) != state_dict_hash(b)
+
+
+def test_save_and_lazy_load_round_trip(tmp_path):
+    backbone = {"blocks.0.w": torch.randn(3, 3), "cls_token": torch.randn(1, 1, 3).half()}
+    head = {"weight": torch.randn(2, 3), "bias": torch.randn(2)}
+    path = tmp_path / "m.safetensors"
+    save_detector(path, backbone, head, {"kind": "specialist", "base_hash": "abc"})
+    write_card(path, {"kind": "specialist", "name": "m", "recipe": {"lr": 1e-4}})
+    ckpt = Checkpoint(path)
+    assert sorted(ckpt.backbone) == sorted(backbone) and ckpt.base_hash == "abc"
+    for k, v in backbone.items():
+        assert torch.equal(ckpt.backbone[k], v) and ckpt.backbone[k].dtype == v.dtype
+    assert torch.equal(ckpt.head["weight"], head["weight"])
+    assert ckpt.card()["recipe"] == {"lr": 1e-4} and "versions" in ckpt.card()
+    assert "recipe" in path.with_suffix(".md").read_text()
+    with pytest.raises(KeyError, match="nope"):
+        LazyStateDict(path)["nope"]
+
+
+def test_foreign_safetensors_is_refused(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="not an r2m_lab detector checkpoint"):
+        Checkpoint(path)
+
+
+def test_head_init_depends_only_on_its_seed():
+    a, b, c = make_head(8, 0), make_head(8, 0), make_head(8, 1)
+    assert torch.equal(a.weight, b.weight) and not torch.equal(a.weight, c.weight)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_backbone_loads_from_a_local_file(tmp_path, suffix):
+    source = timm.create_model(TOY_CLIP["model"], pretrained=False, num_classes=0, **TOY_CLIP["kwargs"])
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    cfg = {**TOY_CLIP, "weights": {**TOY_CLIP["weights"], "path": str(path)}}
+    model = create_backbone(cfg)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k], msg=k)
+
+
+def test_clip_backbone_without_weights_says_how_to_provide_them():
+    with pytest.raises(FileNotFoundError, match=r"backbone.weights.path=.*backbone.weights.hub=true"):
+        create_backbone(TOY_CLIP)
+
+
+def test_missing_weights_file_names_the_path(tmp_path):
+    cfg = {**TOY_CLIP, "weights": {**TOY_CLIP["weights"], "path": str(tmp_path / "none.safetensors")}}
+    with pytest.raises(FileNotFoundError, match="none.safetensors"):
+        create_backbone(cfg)
