@@ -16,8 +16,9 @@ OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml")
 def test_every_option_composes_and_resolves(tmp_path, group, option):
     cfg = compose_config(tmp_path, [f"{group}={option}"], smoke=group != "debug")
     container = OmegaConf.to_container(cfg, resolve=True)
-    if group == "debug":  # a global preset: it shrinks the model and swaps the logger
+    if group == "debug":  # a global preset: it shrinks the model and the data, and swaps the logger
         assert container["backbone"]["kwargs"]["depth"] == 2 and container["logger"]["_target_"].endswith("CSVLogger")
+        assert container["synthetic"]["train_videos"] == 4 and container["eval_batch_size"] == 64
     else:
         assert container[group]
     if group == "merger":

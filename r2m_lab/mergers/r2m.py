@@ -1,0 +1,433 @@
+"""R²M: Real-aware Residual Model Merging.
+
+Park, Kim, Cho, "Real-Aware Residual Model Merging for Deepfake Detection", arXiv 2509.24367 (2025). The exact
+contract, including the choices the paper leaves open, is `shared/design/merging.md`; its steps map to this code:
+
+With task vectors τᵢ = θᵢ − θ₀ (i = 1..N) and, per key l, Aˡ ∈ ℝ^{N×Pˡ} whose rows are vec(τᵢˡ) (minus the mean
+row when `center`), L = every key except norms and biases, γˡ = 1 (`block_weight="none"`) or 1/‖Aˡ‖²_F ("equal"):
+
+2. real subspace   G = Σ_{l∈L} γˡ Aˡ Aˡᵀ (N×N, float64); top-k eigenpairs (λⱼ, uⱼ) with λⱼ > 1e-12·λ_max
+3. real core       a = Σ_{l∈L} γˡ Aˡ τ̄ˡ,  w = Uₖ Λₖ⁻¹ Uₖᵀ a,  τ_coreˡ = Aˡᵀ w on L and τ̄ˡ elsewhere
+                   (the projection of τ̄ onto the top-k right singular vectors of the stacked task matrix)
+4. fake residuals  rᵢ = τᵢ − τ_core
+5. truncation      r̂ᵢˡ = best rank-q approximation of rᵢˡ on matrix keys, q = max(1, ⌊ρ·min(m, n)⌋), a fused qkv
+                   truncated as three d×d blocks; other keys untouched
+6. norm matching   nᵢ = ‖r̂ᵢ‖₂ over all keys, m = meanᵢ nᵢ, τ_res = (1/N) Σᵢ (m/nᵢ) r̂ᵢ (a zero residual stays 0)
+7. merge           θ* = θ₀ + τ_core + η·τ_res, η = eta | α‖τ_core‖₂ | α‖τ_core‖₂/‖τ_res‖₂ (`eta_mode`)
+8. head            averaged
+
+Streaming (N is small, D is hundreds of millions; the N×D task matrix is never formed):
+pass 1 reads every key of every specialist once, checks it and accumulates G, a and the plain task-vector Gram;
+the N×N eigen-problem gives w; pass 2 reads the keys again, forms each key's residuals, truncates the matrix ones
+(keeping them as low-rank factors US, Vh, not dense copies) and accumulates the N×N inner products of the r̂ᵢ, from
+which every global norm of steps 6–7 follows; pass 3 reads the keys a third time, rebuilds τ_core (an N-term
+combination, cheaper to recompute than to hold as a float64 copy of the backbone) and writes θ*. Keys whose τ is zero
+in every specialist are read in pass 1 only. Extra memory: the factors, about N·ρ·(m+n)/max(m, n) float32 backbones.
+
+A residual whose norm is below 1e-10 of its natural scale (‖τᵢ‖ + ‖τ_core‖) is float64 round-off, not signal, and
+is treated as zero: this is what makes identical specialists give that specialist bit for bit whatever ρ and η
+(otherwise `eta_mode="relative"` would blow round-off up to α‖τ_core‖).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from r2m_lab.mergers.task_vectors import (
+    MergeResult,
+    apply_delta,
+    average_heads,
+    check_heads,
+    check_keys,
+    cosines_from_gram,
+    family_names,
+    gram,
+    is_matrix_key,
+    is_norm_or_bias,
+    iter_task_vectors,
+    kept_rank,
+    low_rank_factors,
+    matrix_blocks,
+    read_task_vectors,
+)
+
+BLOCK_WEIGHTS = ("none", "equal")
+SVD_METHODS = ("exact", "randomized")
+ETA_MODES = ("fixed", "core_norm", "relative")
+
+EIGEN_RTOL = 1e-12  # eigenpairs with λ ≤ 1e-12·λ_max are numerical null space (merging.md step 2)
+ZERO_RESIDUAL_RTOL = 1e-10  # see the module docstring
+
+StateDict = Mapping[str, Tensor]
+
+
+# ---------------------------------------------------------------------------------------------- the small math
+
+
+def core_rows(flat: Tensor, center: bool) -> Tensor:
+    """Aˡ: one key's task vectors as rows (N, P), minus their mean row when centering."""
+    return flat - flat.mean(0) if center else flat
+
+
+def block_weight_of(key_gram: Tensor, block_weight: str) -> float:
+    """γˡ: 1, or 1/‖Aˡ‖²_F (= 1/trace Aˡ Aˡᵀ) so every key counts equally; a zero block gets 0."""
+    if block_weight == "none":
+        return 1.0
+    energy = float(key_gram.trace())
+    return 1.0 / energy if energy > 0 else 0.0
+
+
+@dataclass
+class RealSubspace:
+    """The eigen-decomposition of G and the core weights w (τ_coreˡ = Aˡᵀ w on L)."""
+
+    eigenvalues: Tensor  # (N,) float64, descending
+    eigenvectors: Tensor  # (N, N) float64, column j pairs with eigenvalues[j]
+    rank: int  # eigenpairs kept: ≤ k, after dropping λ ≤ EIGEN_RTOL·λ_max
+    weights: Tensor  # (N,) float64, w = Uₖ Λₖ⁻¹ Uₖᵀ a
+
+
+def real_subspace(gram_matrix: Tensor, a: Tensor, k: int) -> RealSubspace:
+    """Top-k eigenpairs of G and w = Uₖ Λₖ⁻¹ Uₖᵀ a; w = 0 when no eigenvalue is significant (τ_core = 0 on L)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram_matrix.to(torch.float64))
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)  # descending
+    top = float(eigenvalues[0])
+    rank = sum(1 for value in eigenvalues[:k].tolist() if top > 0 and value > EIGEN_RTOL * top)
+    u = eigenvectors[:, :rank]  # (N, rank)
+    weights = u @ ((u.T @ a.to(torch.float64)) / eigenvalues[:rank])
+    return RealSubspace(eigenvalues, eigenvectors, rank, weights)
+
+
+def key_core(flat: Tensor, weights: Tensor, in_core: bool, center: bool) -> Tensor:
+    """τ_coreˡ (P,): Aˡᵀ w for keys of L, τ̄ˡ for norms and biases."""
+    if not in_core:
+        return flat.mean(0)
+    return core_rows(flat, center).T @ weights.to(device=flat.device, dtype=flat.dtype)
+
+
+def residual_scales(residual_norms: Tensor, scales_of_zero: Tensor, norm_matching: bool) -> Tensor:
+    """cᵢ with τ_res = Σᵢ cᵢ r̂ᵢ: (m/nᵢ)/N with norm matching, 1/N without; 0 for a (numerically) zero residual.
+
+    residual_norms: nᵢ (N,); scales_of_zero: the scale each nᵢ is compared with (‖τᵢ‖ + ‖τ_core‖), (N,).
+    """
+    n = residual_norms.numel()
+    alive = residual_norms > ZERO_RESIDUAL_RTOL * scales_of_zero
+    if not norm_matching:
+        return alive.to(torch.float64) / n
+    norms = torch.where(alive, residual_norms, 0.0)
+    target = norms.mean()  # m = meanᵢ nᵢ, over all N specialists (a zero residual counts as 0)
+    return torch.where(alive, target / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0) / n
+
+
+def eta_value(eta_mode: str, eta: float, alpha: float, core_norm: float, residual_norm: float) -> float:
+    """η of step 7; `relative` with a zero τ_res gives 0 (there is nothing to scale)."""
+    if eta_mode == "fixed":
+        return float(eta)
+    if eta_mode == "core_norm":
+        return alpha * core_norm
+    return alpha * core_norm / residual_norm if residual_norm > 0 else 0.0
+
+
+def combine_factors(us: Tensor, vh: Tensor | None, scales: Tensor) -> Tensor:
+    """Σᵢ cᵢ r̂ᵢ for one matrix key from its stored truncation, flattened (P,) float64.
+
+    us, vh: (N, B, m, q), (N, B, q, n) factors, or us = dense r̂ (N, B, m, n) and vh = None; scales: c (N,).
+    """
+    scales = scales.to(device=us.device, dtype=torch.float64)
+    if vh is None:
+        return torch.tensordot(scales, us.to(torch.float64), dims=1).reshape(-1)
+    n_tasks, n_blocks, rows, rank = us.shape
+    # Σᵢ cᵢ USᵢ Vhᵢ as one product per block: (B, m, N·q) @ (B, N·q, n), never N dense (m, n) copies.
+    left = (us.to(torch.float64) * scales[:, None, None, None]).permute(1, 2, 0, 3).reshape(n_blocks, rows, -1)
+    right = vh.to(torch.float64).permute(1, 0, 2, 3).reshape(n_blocks, n_tasks * rank, -1)
+    return (left @ right).reshape(-1)  # block-major = a fused qkv's row order
+
+
+# ------------------------------------------------------------------------------------------------------ passes
+
+
+@dataclass
+class _Pass1:
+    gram: Tensor  # (N, N) Σ_L γ A Aᵀ
+    a: Tensor  # (N,) Σ_L γ A τ̄
+    task_gram: Tensor  # (N, N) plain Σ τᵢ·τⱼ over all keys, for diagnostics
+    active: list[str] = field(default_factory=list)  # floating keys with some non-zero τ, θ₀ order
+    core_keys: set[str] = field(default_factory=set)  # those in L
+
+
+def _pass1(
+    theta0: StateDict, specialists: Mapping[str, StateDict], names: Sequence[str], center: bool, block_weight: str
+) -> _Pass1:
+    n = len(names)
+    acc = _Pass1(
+        torch.zeros(n, n, dtype=torch.float64),
+        torch.zeros(n, dtype=torch.float64),
+        torch.zeros(n, n, dtype=torch.float64),
+    )
+    for key, _, taus in iter_task_vectors(theta0, specialists, names):
+        if taus is None or not taus.any():
+            continue
+        acc.active.append(key)
+        acc.task_gram += gram(taus)
+        if is_norm_or_bias(key):
+            continue
+        acc.core_keys.add(key)
+        flat = taus.reshape(n, -1)  # (N, P)
+        rows = core_rows(flat, center)
+        key_gram = (rows @ rows.T).cpu()
+        weight = block_weight_of(key_gram, block_weight)
+        acc.gram += weight * key_gram
+        acc.a += weight * (rows @ flat.mean(0)).cpu()
+    return acc
+
+
+@dataclass
+class _Pass2:
+    residual_gram: Tensor  # (N, N) Σ r̂ᵢ·r̂ⱼ over all keys
+    norm_sq_before: Tensor  # (N,) Σ ‖rᵢ‖² (before truncation)
+    core_dot: Tensor  # (N,) Σ τᵢ·τ_core
+    core_sq: float = 0.0  # ‖τ_core‖²
+    factors: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)  # truncated keys
+    kept_rank: dict[str, int] = field(default_factory=dict)  # q per matrix (per d×d block for a fused qkv)
+
+
+def _pass2(
+    theta0: StateDict,
+    specialists: Mapping[str, StateDict],
+    names: Sequence[str],
+    first: _Pass1,
+    weights: Tensor,
+    *,
+    center: bool,
+    rank_ratio: float,
+    svd: str,
+    truncation: bool,
+) -> _Pass2:
+    n = len(names)
+    acc = _Pass2(
+        torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    )
+    for key in first.active:
+        _, taus = read_task_vectors(theta0, specialists, names, key)
+        flat = taus.reshape(n, -1)  # (N, P)
+        core = key_core(flat, weights, key in first.core_keys, center)  # (P,)
+        residuals = flat - core  # (N, P)
+        acc.norm_sq_before += residuals.square().sum(1).cpu()
+        acc.core_dot += (flat @ core).cpu()
+        acc.core_sq += float(core @ core)
+        if truncation and is_matrix_key(key) and taus.ndim == 3:
+            blocks = matrix_blocks(key, residuals.reshape(taus.shape))  # (N, B, m, n)
+            rows, cols = blocks.shape[-2:]
+            q = acc.kept_rank[key] = kept_rank(rows, cols, rank_ratio)
+            if q < min(rows, cols):  # ρ = 1 keeps everything: nothing to store, pass 3 rebuilds rᵢ exactly
+                # float32 SVD: the residuals come from float32 (or narrower) weights, and it is ~2× faster.
+                us, vh = low_rank_factors(blocks.to(torch.float32), q, svd)  # (N, B, m, q), (N, B, q, n)
+                dense = us @ vh  # (N, B, m, n) r̂, transient
+                acc.factors[key] = (us, vh) if q * (rows + cols) < rows * cols else (dense, None)
+                residuals = dense.reshape(n, -1).to(torch.float64)
+        acc.residual_gram += gram(residuals)
+    return acc
+
+
+def _pass3(
+    theta0: StateDict,
+    specialists: Mapping[str, StateDict],
+    names: Sequence[str],
+    first: _Pass1,
+    second: _Pass2,
+    weights: Tensor,
+    scales: Tensor,
+    eta: float,
+    center: bool,
+) -> dict[str, Tensor]:
+    n = len(names)
+    active = set(first.active)
+    backbone = {}
+    for key in theta0:
+        if key not in active:  # τ ≡ 0 (or a non-floating buffer): θ₀ bit for bit
+            backbone[key] = theta0[key].clone()
+            continue
+        reference, taus = read_task_vectors(theta0, specialists, names, key)
+        flat = taus.reshape(n, -1)
+        core = key_core(flat, weights, key in first.core_keys, center)
+        if key in second.factors:
+            residual = combine_factors(*second.factors.pop(key), scales)
+        else:
+            residual = scales.to(flat.device) @ (flat - core)
+        backbone[key] = apply_delta(reference, core + eta * residual)
+    return backbone
+
+
+# ------------------------------------------------------------------------------------------------------- merge
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_knobs(
+    *,
+    k: Any,
+    center: Any,
+    block_weight: Any,
+    rank_ratio: Any,
+    svd: Any,
+    eta_mode: Any,
+    eta: Any,
+    alpha: Any,
+    norm_matching: Any,
+    truncation: Any,
+) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
+    for name, flag in (("center", center), ("norm_matching", norm_matching), ("truncation", truncation)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be true or false, got {flag!r}")
+    for name, value, allowed in (
+        ("block_weight", block_weight, BLOCK_WEIGHTS),
+        ("svd", svd, SVD_METHODS),
+        ("eta_mode", eta_mode, ETA_MODES),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    if not _is_number(rank_ratio) or not 0 < rank_ratio <= 1:
+        raise ValueError(f"rank_ratio must be a fraction in (0, 1] (0.1 keeps 10 % of the rank), got {rank_ratio!r}")
+    for name, value in (("eta", eta), ("alpha", alpha)):
+        if not _is_number(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def merge(
+    theta0: StateDict,
+    specialists: Mapping[str, StateDict],
+    heads: Mapping[str, Mapping[str, Tensor]],
+    *,
+    k: int = 1,
+    center: bool = False,
+    block_weight: str = "none",
+    rank_ratio: float = 0.1,
+    svd: str = "exact",
+    eta_mode: str = "fixed",
+    eta: float = 1.0,
+    alpha: float = 0.6,
+    norm_matching: bool = True,
+    truncation: bool = True,
+) -> MergeResult:
+    """R²M: θ₀ + τ_core + η·τ_res (see the module docstring); three streaming passes over the keys.
+
+    k: rank of the real subspace (1 ≤ k ≤ N). center: subtract the mean task vector before the factorisation.
+    block_weight: "none" (γ = 1) or "equal" (every key of L weighs the same in G). rank_ratio: ρ ∈ (0, 1].
+    svd: "exact" or "randomized" truncation. eta_mode, eta, alpha: step 7. norm_matching, truncation: ablation
+    switches for steps 6 and 5 (off: τ_res = mean r̂ᵢ; r̂ᵢ = rᵢ).
+    """
+    _check_knobs(
+        k=k,
+        center=center,
+        block_weight=block_weight,
+        rank_ratio=rank_ratio,
+        svd=svd,
+        eta_mode=eta_mode,
+        eta=eta,
+        alpha=alpha,
+        norm_matching=norm_matching,
+        truncation=truncation,
+    )
+    names = family_names(specialists)
+    if k > len(names):
+        raise ValueError(f"k={k} exceeds the number of specialists N={len(names)} ({', '.join(names)})")
+    check_keys(theta0, specialists)
+    check_heads(heads, names)
+
+    timings: dict[str, float] = {}
+    start = lap = time.perf_counter()
+
+    def tick(phase: str) -> None:
+        nonlocal lap
+        now = time.perf_counter()
+        timings[phase] = now - lap
+        lap = now
+
+    first = _pass1(theta0, specialists, names, center, block_weight)
+    tick("pass1_gram")
+    subspace = real_subspace(first.gram, first.a, k)
+    tick("eigen")
+    second = _pass2(
+        theta0,
+        specialists,
+        names,
+        first,
+        subspace.weights,
+        center=center,
+        rank_ratio=rank_ratio,
+        svd=svd,
+        truncation=truncation,
+    )
+    tick("pass2_residuals")
+
+    task_norms = first.task_gram.diagonal().clamp_min(0).sqrt()
+    core_norm = math.sqrt(second.core_sq)
+    residual_norms = second.residual_gram.diagonal().clamp_min(0).sqrt()  # nᵢ = ‖r̂ᵢ‖
+    scales = residual_scales(residual_norms, task_norms + core_norm, norm_matching)
+    residual_norm = math.sqrt(max(float(scales @ second.residual_gram @ scales), 0.0))  # ‖τ_res‖ = √(cᵀ R c)
+    eta_used = eta_value(eta_mode, eta, alpha, core_norm, residual_norm)
+    tick("norms")
+    backbone = _pass3(theta0, specialists, names, first, second, subspace.weights, scales, eta_used, center)
+    tick("pass3_combine")
+    timings["total"] = time.perf_counter() - start
+
+    n = len(names)
+    u = subspace.eigenvectors[:, : subspace.rank]
+    captured = (u.square() * subspace.eigenvalues[: subspace.rank]).sum(1)  # Σ_{j≤k} λⱼ uⱼᵢ² = ‖Pₖ rowᵢ‖²_γ
+    row_energy = first.gram.diagonal()
+    denominator = task_norms.square() * second.core_sq
+
+    def by_family(values: Tensor) -> dict[str, float]:
+        return dict(zip(names, values.tolist(), strict=True))
+
+    diagnostics = {
+        "merger": "r2m",
+        "families": names,
+        "hyperparameters": {
+            "k": k,
+            "center": center,
+            "block_weight": block_weight,
+            "rank_ratio": float(rank_ratio),
+            "svd": svd,
+            "eta_mode": eta_mode,
+            "eta": float(eta),
+            "alpha": float(alpha),
+            "norm_matching": norm_matching,
+            "truncation": truncation,
+        },
+        "spectrum": subspace.eigenvalues.tolist(),  # eigenvalues of G, descending
+        "core_rank": subspace.rank,
+        "core_weights": by_family(subspace.weights),  # w: τ_core = Aᵀ w on L
+        # share of each (γ-weighted, centred if `center`) row of A in the real subspace, from G alone
+        "subspace_fraction": by_family(torch.where(row_energy > 0, captured / row_energy.clamp_min(1e-300), 0.0)),
+        # ⟨τᵢ, τ_core⟩² / (‖τᵢ‖²‖τ_core‖²): the fraction of ‖τᵢ‖² along the core, over all keys
+        "core_fraction": by_family(
+            torch.where(denominator > 0, second.core_dot.square() / denominator.clamp_min(1e-300), 0.0)
+        ),
+        "task_vector_norms": by_family(task_norms),
+        "task_vector_cosines": cosines_from_gram(first.task_gram),
+        "core_norm": core_norm,
+        "residual_norms_before": by_family(second.norm_sq_before.clamp_min(0).sqrt()),
+        "residual_norms_after": by_family(residual_norms),
+        "residual_scales": by_family(scales * n),  # m/nᵢ (1 without norm matching), 0 for a zero residual
+        "residual_norm": residual_norm,  # ‖τ_res‖ before η
+        "eta": eta_used,
+        "kept_rank": dict(second.kept_rank),
+        "n_keys": len(backbone),
+        "n_active_keys": len(first.active),
+        "n_core_keys": len(first.core_keys),
+        "n_matrix_keys": len(second.kept_rank),  # matrix keys that went through step 5
+        "timings_s": timings,
+    }
+    return MergeResult(backbone=backbone, head=average_heads(heads), diagnostics=diagnostics)

@@ -1,0 +1,338 @@
+"""Task vectors and the helpers every merger shares.
+
+A specialist θᵢ fine-tuned from θ₀ is described by its task vector τᵢ = θᵢ − θ₀, one tensor per state-dict key
+(Ilharco et al., "Editing models with task arithmetic", ICLR 2023). Mergers see θ₀ and the specialists as mappings
+from timm ViT keys to tensors and must stream them key by key: a specialist mapping may be lazy (reading one key
+loads one tensor from disk), so no helper here ever holds more than one key of all N specialists at once.
+
+Conventions shared by all mergers (see `shared/design/merging.md`):
+
+- families are processed in sorted name order, so a merge is deterministic whatever the mapping's order;
+- arithmetic on task vectors is float64 and the result is cast back to θ₀'s dtype once, at the end;
+- keys whose τ is zero in every specialist are copied from θ₀ bit for bit; non-floating keys (integer buffers)
+  are copied from θ₀ too (they are checked for shape and dtype, never merged);
+- heads are always averaged (`average_heads`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+StateDict = Mapping[str, Tensor]
+
+# Randomized SVD (Halko et al. 2011, via torch.svd_lowrank): oversampling and power iterations chosen so that the
+# rank-q approximation matches the exact one to ~1e-6 (relative) on decaying spectra and is within 0.01 % of the
+# optimal truncation error on flat ones (tests/test_mergers.py checks both). The seed is fixed and re-applied for
+# every matrix, so a matrix's approximation does not depend on which other matrices were truncated before it.
+RANDOMIZED_SVD_OVERSAMPLE = 16
+RANDOMIZED_SVD_NITER = 6
+RANDOMIZED_SVD_SEED = 0
+
+# The 2-D weights inside attention and MLP blocks of a timm ViT. Split q/k/v projections (checkpoints that do not
+# fuse qkv) count too, so that truncating a fused qkv as three blocks and truncating split keys agree.
+_MATRIX_KEY = re.compile(r"(?:^|\.)blocks\.\d+\.(?:attn\.(?:qkv|proj|q|k|v|q_proj|k_proj|v_proj)|mlp\.fc[12])\.weight$")
+_FUSED_QKV_KEY = re.compile(r"(?:^|\.)attn\.qkv\.weight$")
+# A dotted component naming a normalisation layer: norm, norm1, fc_norm, q_norm, norm_pre, ln_1, ln_post, ...
+_NORM_PART = re.compile(r"norm|^ln(?:_|\d|$)")
+_MAX_LISTED = 10
+
+
+@dataclass
+class MergeResult:
+    """What every merger returns.
+
+    backbone: θ*'s state dict, with exactly θ₀'s keys (in θ₀'s order), shapes and dtypes.
+    head: the averaged real/fake head, {"weight": (2, D), "bias": (2,)}.
+    diagnostics: JSON-serialisable facts about the merge (spectra, norms, timings), written to the merge card.
+    """
+
+    backbone: dict[str, Tensor]
+    head: dict[str, Tensor]
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------- keys
+
+
+def is_matrix_key(key: str) -> bool:
+    """True for the 2-D weights inside attention and MLP blocks (qkv, proj, fc1, fc2; split q/k/v too)."""
+    return _MATRIX_KEY.search(key) is not None
+
+
+def is_fused_qkv(key: str) -> bool:
+    """True for a fused attention input projection, stored as one (3d × d) matrix."""
+    return _FUSED_QKV_KEY.search(key) is not None
+
+
+def is_norm_or_bias(key: str) -> bool:
+    """True for biases (`*.bias`, `*_bias`) and every parameter of a normalisation layer."""
+    parts = key.split(".")
+    if parts[-1] == "bias" or parts[-1].endswith("_bias"):
+        return True
+    return any(_NORM_PART.search(part) for part in parts)
+
+
+def split_qkv(weight: Tensor) -> Tensor:
+    """View a fused qkv weight (..., 3d, n) as its q, k and v blocks (..., 3, d, n); no copy."""
+    rows = weight.shape[-2]
+    if rows % 3:
+        raise ValueError(f"a fused qkv weight needs a row count divisible by 3, got shape {tuple(weight.shape)}")
+    return weight.unflatten(-2, (3, rows // 3))
+
+
+def fuse_qkv(blocks: Tensor | Sequence[Tensor]) -> Tensor:
+    """Inverse of `split_qkv`: (..., 3, d, n) or a sequence (q, k, v) of (..., d, n) -> (..., 3d, n)."""
+    if not isinstance(blocks, Tensor):
+        blocks = torch.stack(list(blocks), dim=-3)
+    if blocks.shape[-3] != 3:
+        raise ValueError(f"expected 3 blocks (q, k, v), got shape {tuple(blocks.shape)}")
+    return blocks.flatten(-3, -2)
+
+
+def matrix_blocks(key: str, weight: Tensor) -> Tensor:
+    """The matrices that per-matrix operations act on: (..., m, n) -> (..., B, m/B, n), B = 3 for a fused qkv."""
+    return split_qkv(weight) if is_fused_qkv(key) else weight.unsqueeze(-3)
+
+
+# ----------------------------------------------------------------------------------------------------- checking
+
+
+def _listed(keys: Sequence[str] | set[str]) -> str:
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def family_names(specialists: Mapping[str, Any]) -> list[str]:
+    """The specialists' family names in the order every merger uses (sorted); refuses an empty mapping."""
+    names = sorted(specialists)
+    if not names:
+        raise ValueError("no specialists to merge")
+    return names
+
+
+def check_keys(theta0: StateDict, specialists: Mapping[str, StateDict]) -> None:
+    """Refuse specialists whose key set differs from θ₀'s; the message names each specialist and its keys."""
+    reference = set(theta0.keys())
+    problems = []
+    for name in family_names(specialists):
+        keys = set(specialists[name].keys())
+        missing, unexpected = reference - keys, keys - reference
+        if missing or unexpected:
+            parts = [
+                f"missing keys [{_listed(missing)}]" if missing else "",
+                f"unexpected keys [{_listed(unexpected)}]" if unexpected else "",
+            ]
+            problems.append(f"specialist {name!r}: " + "; ".join(p for p in parts if p))
+    if problems:
+        raise ValueError("specialists do not match theta0's keys:\n  " + "\n  ".join(problems))
+
+
+def tensor_problem(name: str, key: str, reference: Tensor, tensor: Any) -> str | None:
+    """Why `tensor` (specialist `name`, `key`) cannot be merged with θ₀'s `reference`, or None if it can."""
+    if not isinstance(tensor, Tensor):
+        return f"specialist {name!r}: key {key!r} is a {type(tensor).__name__}, not a tensor"
+    if tensor.shape != reference.shape:
+        return f"specialist {name!r}: key {key!r} has shape {tuple(tensor.shape)}, theta0 has {tuple(reference.shape)}"
+    if tensor.dtype != reference.dtype:
+        return f"specialist {name!r}: key {key!r} has dtype {tensor.dtype}, theta0 has {reference.dtype}"
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        return f"specialist {name!r}: key {key!r} has {bad} non-finite values (NaN/inf)"
+    return None
+
+
+def check_tensor(name: str, key: str, reference: Tensor, tensor: Any) -> None:
+    """Raise ValueError naming specialist and key if `tensor` has another shape or dtype, or non-finite values."""
+    problem = tensor_problem(name, key, reference, tensor)
+    if problem:
+        raise ValueError(problem)
+
+
+def check_compatible(theta0: StateDict, specialists: Mapping[str, StateDict]) -> None:
+    """Refuse specialists that differ from θ₀ in keys, shapes or dtypes, or hold non-finite values.
+
+    One full pass (each tensor read once); every problem of every specialist is listed in the ValueError. The
+    mergers run the key check up front and the per-tensor checks as they stream, so calling this first is optional.
+    """
+    check_keys(theta0, specialists)
+    names = family_names(specialists)
+    problems = []
+    for key in theta0:
+        reference = theta0[key]
+        problem = tensor_problem("theta0", key, reference, reference)
+        problems += [problem] if problem else []
+        for name in names:
+            problem = tensor_problem(name, key, reference, specialists[name][key])
+            problems += [problem] if problem else []
+    if problems:
+        raise ValueError("specialists are not compatible with theta0:\n  " + "\n  ".join(problems))
+
+
+def check_heads(heads: Mapping[str, Mapping[str, Tensor]], names: Sequence[str]) -> None:
+    """Refuse a heads mapping whose families differ from the specialists'."""
+    missing, unexpected = set(names) - set(heads), set(heads) - set(names)
+    if missing or unexpected:
+        raise ValueError(
+            f"heads do not match the specialists: missing heads for [{_listed(missing)}], "
+            f"heads without a specialist [{_listed(unexpected)}]"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- streaming
+
+
+def read_task_vectors(
+    theta0: StateDict, specialists: Mapping[str, StateDict], names: Sequence[str], key: str
+) -> tuple[Tensor, Tensor | None]:
+    """θ₀[key] and the stacked task vectors (N, *shape) in float64 (None for non-floating keys), checked.
+
+    Reads each specialist's tensor for this one key only; raises ValueError naming specialist and key on a shape
+    or dtype mismatch or a non-finite value.
+    """
+    reference = theta0[key]
+    check_tensor("theta0", key, reference, reference)
+    tensors = [specialists[name][key] for name in names]
+    for name, tensor in zip(names, tensors, strict=True):
+        check_tensor(name, key, reference, tensor)
+    if not reference.is_floating_point():
+        return reference, None
+    base = reference.to(torch.float64)
+    # float64 differences of float32 weights are exact, so θ₀ + τ reproduces θᵢ bit for bit after the final cast.
+    return reference, torch.stack([t.to(device=base.device, dtype=torch.float64) - base for t in tensors])
+
+
+def iter_task_vectors(
+    theta0: StateDict, specialists: Mapping[str, StateDict], names: Sequence[str]
+) -> Iterator[tuple[str, Tensor, Tensor | None]]:
+    """Yield (key, θ₀[key], τ stack (N, *shape) float64 or None) for every key of θ₀, in θ₀'s order."""
+    for key in theta0:
+        reference, taus = read_task_vectors(theta0, specialists, names, key)
+        yield key, reference, taus
+
+
+def apply_delta(reference: Tensor, delta: Tensor) -> Tensor:
+    """θ₀[key] + δ computed in float64, cast back to θ₀'s dtype (the one rounding of the whole merge)."""
+    return (reference.to(torch.float64) + delta.reshape(reference.shape)).to(reference.dtype)
+
+
+def gram(taus: Tensor) -> Tensor:
+    """Inner products of one key's task vectors: (N, *shape) -> (N, N) float64 on the CPU."""
+    flat = taus.reshape(taus.shape[0], -1)
+    return (flat @ flat.T).to(device="cpu", dtype=torch.float64)
+
+
+# -------------------------------------------------------------------------------------------------- diagnostics
+
+
+def cosines_from_gram(gram_matrix: Tensor) -> list[list[float]]:
+    """Cosine matrix (nested list) from a Gram matrix; a zero task vector has cosine 0 with everything."""
+    norms = gram_matrix.diagonal().clamp_min(0).sqrt()
+    denominator = norms[:, None] * norms[None, :]
+    cosines = torch.where(denominator > 0, gram_matrix / denominator.clamp_min(1e-300), 0.0)
+    return cosines.clamp(-1.0, 1.0).tolist()
+
+
+def task_vector_gram(theta0: StateDict, specialists: Mapping[str, StateDict]) -> tuple[list[str], Tensor]:
+    """(names, G) with G = Σ_keys τᵢ·τⱼ over all floating keys, (N, N) float64; streams key by key."""
+    names = family_names(specialists)
+    check_keys(theta0, specialists)
+    total = torch.zeros(len(names), len(names), dtype=torch.float64)
+    for _, _, taus in iter_task_vectors(theta0, specialists, names):
+        if taus is not None:
+            total += gram(taus)
+    return names, total
+
+
+def task_vector_norms(theta0: StateDict, specialists: Mapping[str, StateDict]) -> dict[str, float]:
+    """‖τᵢ‖₂ over all floating keys, by family."""
+    names, total = task_vector_gram(theta0, specialists)
+    return dict(zip(names, total.diagonal().sqrt().tolist(), strict=True))
+
+
+def task_vector_cosines(theta0: StateDict, specialists: Mapping[str, StateDict]) -> tuple[list[str], list[list[float]]]:
+    """(names, N×N cosine matrix as a nested list) of the whole task vectors; streams key by key."""
+    names, total = task_vector_gram(theta0, specialists)
+    return names, cosines_from_gram(total)
+
+
+# ------------------------------------------------------------------------------------------------------- heads
+
+
+def average_heads(heads: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """The merged head: the mean of every head tensor over families, {"weight": (2, D), "bias": (2,)}."""
+    names = family_names(heads)
+    first = heads[names[0]]
+    merged = {}
+    for key in first:
+        reference = first[key]
+        for name in names:
+            if set(heads[name]) != set(first):
+                raise ValueError(
+                    f"head of {name!r} has keys {sorted(heads[name])}, head of {names[0]!r} has {sorted(first)}"
+                )
+            problem = tensor_problem(name, f"head.{key}", reference, heads[name][key])
+            if problem:
+                raise ValueError(problem.replace("theta0", f"the head of {names[0]!r}"))
+        stacked = torch.stack([heads[name][key].to(torch.float64) for name in names])
+        merged[key] = stacked.mean(0).to(reference.dtype)
+    return merged
+
+
+# ------------------------------------------------------------------------------------------------ low-rank SVD
+
+
+def kept_rank(rows: int, cols: int, rank_ratio: float) -> int:
+    """q = max(1, ⌊ρ·min(m, n)⌋); the 1e-9 guards ⌊0.29·100⌋ against 28.999999999999996."""
+    return max(1, math.floor(rank_ratio * min(rows, cols) + 1e-9))
+
+
+@contextmanager
+def _fixed_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """Seed the generator torch.svd_lowrank draws from, and restore it afterwards (global RNG untouched).
+
+    CPU and CUDA only; on another device type the sketch is drawn from that device's unseeded generator.
+    """
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index], device_type="cuda"):
+            torch.cuda.default_generators[index].manual_seed(seed)
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+
+
+def low_rank_factors(matrices: Tensor, q: int, method: str = "exact") -> tuple[Tensor, Tensor]:
+    """Best rank-q approximation of each matrix, as factors: (..., m, n) -> US (..., m, q), Vh (..., q, n).
+
+    `exact`: torch.linalg.svd. `randomized`: torch.svd_lowrank with RANDOMIZED_SVD_OVERSAMPLE extra columns and
+    RANDOMIZED_SVD_NITER power iterations, seeded per matrix; it falls back to the exact SVD when q plus the
+    oversampling reaches min(m, n), where a randomized sketch would save nothing.
+    """
+    rows, cols = matrices.shape[-2:]
+    if not 1 <= q <= min(rows, cols):
+        raise ValueError(f"rank {q} is outside [1, {min(rows, cols)}] for {rows}×{cols} matrices")
+    if method == "exact" or q + RANDOMIZED_SVD_OVERSAMPLE >= min(rows, cols):
+        u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
+        return u[..., :q] * s[..., None, :q], vh[..., :q, :]
+    if method != "randomized":
+        raise ValueError(f"svd must be 'exact' or 'randomized', got {method!r}")
+    flat = matrices.reshape(-1, rows, cols)
+    us, vh = [], []
+    for matrix in flat:  # one seeded sketch per matrix: its result never depends on its batch neighbours
+        with _fixed_rng(matrix.device, RANDOMIZED_SVD_SEED):
+            u, s, v = torch.svd_lowrank(matrix, q=q + RANDOMIZED_SVD_OVERSAMPLE, niter=RANDOMIZED_SVD_NITER)
+        us.append(u[:, :q] * s[None, :q])
+        vh.append(v[:, :q].T)
+    batch = matrices.shape[:-2]
+    return torch.stack(us).reshape(*batch, rows, q), torch.stack(vh).reshape(*batch, q, cols)
