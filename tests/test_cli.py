@@ -62,4 +62,3 @@ def test_help_lists_groups(tmp_path):
     proc = run_cli("--help", root=tmp_path, timeout=120)
     assert proc.returncode == 0
     assert "merger: average, r2m, task_arithmetic" in proc.stdout
-

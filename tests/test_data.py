@@ -62,7 +62,12 @@ def write_dfb_tree(root):
 def test_deepfakebench_reader(tmp_path):
     write_dfb_tree(tmp_path)
     src = DeepfakeBenchSource(
-        "faceforensics_df", "FF-DF", str(tmp_path / "dataset_json/FF-DF.json"), str(tmp_path), ["FF-real"], ["FF-DF"],
+        "faceforensics_df",
+        "FF-DF",
+        str(tmp_path / "dataset_json/FF-DF.json"),
+        str(tmp_path),
+        ["FF-real"],
+        ["FF-DF"],
         frames_per_video=2,
     )
     train, test = src.frames("train"), src.frames("test")

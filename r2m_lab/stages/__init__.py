@@ -1,4 +1,4 @@
-"""Stages: ``stage(cfg) -> dict``, the only code that reads the whole config. ``STAGES`` dispatches ``cfg.stage.name``."""
+"""Stages: ``stage(cfg) -> dict``, the only code that reads the whole config; ``STAGES`` dispatches by name."""
 
 from __future__ import annotations
 

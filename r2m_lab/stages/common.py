@@ -118,7 +118,9 @@ def ensure_base(cfg: DictConfig) -> Path:
         from r2m_lab.data import synthetic
         from r2m_lab.pretext import pretrain_image_id
 
-        log.info("Pretraining θ₀ for %s: image-ID pretext, %d steps (cached afterwards)", bcfg["name"], pretext["steps"])
+        log.info(
+            "Pretraining θ₀ for %s: image-ID pretext, %d steps (cached afterwards)", bcfg["name"], pretext["steps"]
+        )
         root = synthetic.build(synthetic.SyntheticConfig(**plain(cfg.synthetic)), cfg.paths.cache_dir)
         images, class_ids, _ = synthetic.load_pretext(root)
         pretrain_image_id(

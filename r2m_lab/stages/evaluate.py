@@ -161,13 +161,15 @@ def _write_scores(path: Path, frames: FrameSet, scores: np.ndarray) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["frame", "video_id", "label", "score"])
-    writer.writerows(zip(frames.keys.tolist(), frames.video_ids.tolist(), frames.labels.tolist(), scores.tolist()))
+    writer.writerows(
+        zip(frames.keys.tolist(), frames.video_ids.tolist(), frames.labels.tolist(), scores.tolist(), strict=True)
+    )
     atomic_write_text(path, buf.getvalue())
     v_scores, v_labels, v_ids = video_scores(scores, frames.labels, frames.video_ids)
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["video_id", "label", "score"])
-    writer.writerows(zip(list(v_ids), np.asarray(v_labels).tolist(), np.asarray(v_scores).tolist()))
+    writer.writerows(zip(list(v_ids), np.asarray(v_labels).tolist(), np.asarray(v_scores).tolist(), strict=True))
     atomic_write_text(path.with_name(path.stem + ".videos.csv"), buf.getvalue())
 
 
@@ -192,7 +194,12 @@ def write_report(
         test_names = [n for names in report["protocols"].values() for n in names]
         values = np.array([[results[m][n][level]["auc"] for n in test_names] for m in results])
         plots.plot_heatmap(
-            list(results), test_names, values, out / "plots" / f"auc_{level}.png", f"{level}-level AUC", vmin=0.5,
+            list(results),
+            test_names,
+            values,
+            out / "plots" / f"auc_{level}.png",
+            f"{level}-level AUC",
+            vmin=0.5,
             vmax=1.0,
         )
     for name in (n for names in report["protocols"].values() for n in names):
@@ -203,8 +210,13 @@ def write_report(
         tv = extra["task_vector_cosines"]
         markdown += ["## Task-vector cosines", "", tables.cosine_table(tv["names"], tv["matrix"]), ""]
         plots.plot_heatmap(
-            tv["names"], tv["names"], np.array(tv["matrix"]), out / "plots" / "task_vector_cosines.png",
-            "cosine(τᵢ, τⱼ)", vmin=-1.0, vmax=1.0,
+            tv["names"],
+            tv["names"],
+            np.array(tv["matrix"]),
+            out / "plots" / "task_vector_cosines.png",
+            "cosine(τᵢ, τⱼ)",
+            vmin=-1.0,
+            vmax=1.0,
         )
     text = "\n".join(markdown)
     atomic_write_text(out / "results.md", text)

@@ -74,7 +74,8 @@ def train_detector(
     model = build_detector(cfg, base, with_optimizer=True)
     inputs = input_cfg(cfg, model)
     augment = [instantiate(a) for a in recipe.augment]
-    # A joint model sees each family as often as its specialist does (the paper's joint training: same epochs, all data).
+    # A joint model sees each family as often as its specialist does (the paper's joint training: same epochs,
+    # all data).
     n_families = len(data_cfg.get("families") or [None])
     max_steps = int(recipe.max_steps) * n_families if recipe.max_steps else -1
     batch_size = int(recipe.batch_size)
@@ -145,4 +146,3 @@ def train_detector(
     )
     log.info("%s %s: val AUC %.3f, written to %s", kind, data_cfg.name, val_metrics["frame"]["auc"], path)
     return card
-

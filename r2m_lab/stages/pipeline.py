@@ -64,4 +64,3 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
     write_report(cfg, report, title=f"{cfg.benchmark.name}: specialists, joint training and merges", extra=extra)
     log.info("Timings (s): %s", timings)
     return report
-
