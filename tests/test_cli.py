@@ -13,8 +13,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def run_cli(*args: str, root: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+def run_cli(*args: str, root: Path, timeout: int = 300, wandb_mode: str = "disabled") -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": wandb_mode}
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run(
         [sys.executable, "-m", "r2m_lab", *args, f"paths.root={root}"],
@@ -62,3 +62,14 @@ def test_help_lists_groups(tmp_path):
     proc = run_cli("--help", root=tmp_path, timeout=120)
     assert proc.returncode == 0
     assert "merger: average, r2m, task_arithmetic" in proc.stdout
+
+
+def test_finetune_logs_an_offline_wandb_run(tmp_path):
+    proc = run_cli(
+        "stage=finetune", "data=synthetic_swap", "debug=smoke", "logger=wandb", root=tmp_path, wandb_mode="offline"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs").glob("*/*_finetune")
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "an offline W&B run with its data file"
+    assert (run_dir / "metrics.json").is_file()

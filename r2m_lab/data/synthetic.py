@@ -104,17 +104,17 @@ _COMMON_STRENGTH = {
 # (patch 8, width 96, depth 4) so that every seen family is learnable (own-family AUC >= 0.85), the families
 # transfer partially through the common step, and domain B is clearly harder.
 _RESAMPLE_RANGE = (0.45, 0.8)  # down-scale factor of the common re-sampling
-_CAST_AMPLITUDE = 4.0  # grey levels at strength 1
+_CAST_AMPLITUDE = 10.0  # grey levels at strength 1
 _CAST_DIRECTION = np.array([1.0, 0.35, -0.8], dtype=np.float32)  # warm: more red, less blue
-_FINGERPRINT_AMPLITUDE = 2.5  # RMS grey levels of the 8x8 up-sampler fingerprint at strength 1
+_FINGERPRINT_AMPLITUDE = 6.0  # RMS grey levels of the 8x8 up-sampler fingerprint at strength 1
 _MASK_SOFTNESS = 0.3  # width of the mask's soft edge, as a fraction of the ellipse radius
-_SWAP_COLOUR_SHIFT = 10.0  # std of the donor's per-channel offset (colour mismatch)
-_REENACT_WARP_PX = 1.5  # std of the smooth displacement field
-_REENACT_ZOOM = (1.06, 1.15)
-_REENACT_CONTRAST = (0.7, 0.85)
+_SWAP_COLOUR_SHIFT = 14.0  # std of the donor's per-channel offset (colour mismatch)
+_REENACT_WARP_PX = 3.0  # std of the smooth displacement field
+_REENACT_ZOOM = (1.1, 1.2)
+_REENACT_CONTRAST = (0.5, 0.7)
 _SYNTHESIS_CHECKER = 2.0  # amplitude of the period-2 checkerboard
-_EDIT_HUE_DEG = (8.0, 20.0)
-_EDIT_SATURATION = (1.25, 1.6)
+_EDIT_HUE_DEG = (12.0, 25.0)
+_EDIT_SATURATION = (1.3, 1.8)
 _DJPEG_QUALITY_1 = (55, 75)
 _DJPEG_QUALITY_2 = (80, 92)
 _GRID_AMPLITUDE = 3.0
@@ -342,14 +342,22 @@ def _resample(frames: np.ndarray, factor: float, down: int, up: int) -> np.ndarr
     return hi.reshape(h, w, t, c).transpose(2, 0, 1, 3)
 
 
-def _jpeg(frames: np.ndarray, quality: int) -> np.ndarray:
-    """JPEG round trip of (T, H, W, 3) RGB frames (float or uint8) -> float32."""
+def _jpeg(frames: np.ndarray, quality: int, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """JPEG round trip of (T, H, W, 3) RGB frames (float or uint8) -> float32.
+
+    ``offset`` (dy, dx) in [0, 8) shifts the codec's 8x8 block grid against the frame (reflect padding, cropped
+    off after decoding), like a face crop cut at an arbitrary position out of a compressed video frame.
+    """
+    dy, dx = offset
+    h, w = frames.shape[1:3]
     out = np.empty(frames.shape, dtype=np.float32)
     for i, f in enumerate(_to_uint8(frames)):
+        if dy or dx:
+            f = cv2.copyMakeBorder(f, dy, 8 - dy, dx, 8 - dx, cv2.BORDER_REFLECT_101)
         ok, enc = cv2.imencode(".jpg", f[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])  # cv2 wants BGR
         if not ok:  # pragma: no cover - cv2 only fails on invalid input
             raise RuntimeError("JPEG encoding failed")
-        out[i] = cv2.imdecode(enc, cv2.IMREAD_COLOR)[:, :, ::-1]
+        out[i] = cv2.imdecode(enc, cv2.IMREAD_COLOR)[dy : dy + h, dx : dx + w, ::-1]
     return out
 
 
@@ -448,11 +456,17 @@ def _forge(
 
 def _degrade_domain_b(rng: np.random.Generator, frames: np.ndarray) -> np.ndarray:
     """Domain B's capture pipeline, applied to real and fake alike after any forgery: resize down (area) and back
-    up (linear) by a per-video factor, then JPEG at a per-video quality."""
+    up (linear) by a per-video factor, then JPEG at a per-video quality and block-grid offset.
+
+    The random grid offset matters: with the codec's 8x8 grid aligned to the crop, blocking artefacts line up with
+    the 8x8 up-sampler fingerprint and real B frames (sharper, hence blockier) looked *more* fake than B fakes,
+    which inverted AUCs instead of just making B harder.
+    """
     size = frames.shape[1]
     factor = rng.uniform(*_DOMAIN_B_RESIZE)
     small = max(2, round(size * factor))
     quality = int(rng.integers(*_DOMAIN_B_QUALITY, endpoint=True))
+    offset = (int(rng.integers(0, 8)), int(rng.integers(0, 8)))
     u8 = _to_uint8(frames)
     resized = np.stack(
         [
@@ -461,7 +475,7 @@ def _degrade_domain_b(rng: np.random.Generator, frames: np.ndarray) -> np.ndarra
             for f in u8
         ]
     )
-    return _jpeg(resized, quality)
+    return _jpeg(resized, quality, offset)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -178,10 +178,10 @@ def build_logger(cfg: DictConfig, name: str, group: str | None = None) -> Any:
     """The configured Lightning logger (W&B offline by default) for one run; ``None`` when ``logger=null``."""
     if cfg.get("logger") is None:
         return None
-    target = str(cfg.logger._target_)
-    if target.endswith("WandbLogger"):
-        return instantiate(cfg.logger, name=name, group=group, config=plain(cfg))
-    return instantiate(cfg.logger, name=name)
+    kwargs = {"group": group} if str(cfg.logger._target_).endswith("WandbLogger") else {}
+    logger = instantiate(cfg.logger, name=name, **kwargs)
+    logger.log_hyperparams(plain(cfg))
+    return logger
 
 
 def close_logger(logger: Any) -> None:
