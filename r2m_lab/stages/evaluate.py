@@ -153,6 +153,18 @@ def _metrics_for(
     return result
 
 
+def _summary_markdown(summary: Mapping[str, list[dict[str, Any]]], protocols: Mapping[str, Any]) -> str:
+    """Model × protocol mean AUC, frame- and video-level side by side: the table a reader looks at first."""
+    rows = []
+    for frame_row, video_row in zip(summary["frame"], summary["video"], strict=True):
+        row: dict[str, Any] = {"model": frame_row["model"]}
+        for protocol in protocols:
+            row[f"{protocol} (frame)"] = frame_row[f"{protocol} mean"]
+            row[f"{protocol} (video)"] = video_row[f"{protocol} mean"]
+        rows.append(row)
+    return "## Mean AUC per protocol\n\n" + tables.to_markdown(rows)
+
+
 def _safe(name: str) -> str:
     return name.replace("/", "__").replace(":", "-")
 
@@ -186,11 +198,12 @@ def write_report(
     results = {m: r["test"] for m, r in report["models"].items()}
     files: dict[str, str] = {"metrics": str(out / "metrics.json")}
     markdown = [f"# {title}", ""]
+    summary: dict[str, list[dict[str, Any]]] = {}
     for level in ("frame", "video"):
         rows = tables.results_table(results, report["protocols"], metric="auc", level=level)
         tables.write_csv(rows, out / f"table_auc_{level}.csv")
         atomic_write_text(out / f"table_auc_{level}.tex", tables.to_latex(rows))
-        markdown += [f"## {level.capitalize()}-level AUC", "", tables.to_markdown(rows), ""]
+        summary[level] = rows
         test_names = [n for names in report["protocols"].values() for n in names]
         values = np.array([[results[m][n][level]["auc"] for n in test_names] for m in results])
         plots.plot_heatmap(
@@ -202,6 +215,13 @@ def write_report(
             vmin=0.5,
             vmax=1.0,
         )
+    markdown += [_summary_markdown(summary, report["protocols"]), ""]
+    for protocol, names in report["protocols"].items():
+        rows = [
+            {"model": r["model"], **{n.split("/", 1)[1]: r[n] for n in names}, "mean": r[f"{protocol} mean"]}
+            for r in summary["frame"]
+        ]
+        markdown += [f"## {protocol}: frame-level AUC per test set", "", tables.to_markdown(rows), ""]
     for name in (n for names in report["protocols"].values() for n in names):
         curves = {m: (s[name], labels[name]) for m, s in scores.items()}
         if curves:
@@ -218,6 +238,9 @@ def write_report(
             vmin=-1.0,
             vmax=1.0,
         )
+    if extra and "timings_seconds" in extra:
+        spent = ", ".join(f"{k} {v:.0f} s" for k, v in extra["timings_seconds"].items())
+        markdown += ["## Time", "", spent, ""]
     text = "\n".join(markdown)
     atomic_write_text(out / "results.md", text)
     files["table"] = str(out / "results.md")
