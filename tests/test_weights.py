@@ -80,3 +80,53 @@ def test_missing_weights_file_names_the_path(tmp_path):
     cfg = {**TOY_CLIP, "weights": {**TOY_CLIP["weights"], "path": str(tmp_path / "none.safetensors")}}
     with pytest.raises(FileNotFoundError, match="none.safetensors"):
         create_backbone(cfg)
+
+
+def to_openai_clip_layout(state: dict[str, torch.Tensor], proj_dim: int = 16) -> dict[str, torch.Tensor]:
+    """The same weights in OpenAI CLIP / open_clip's layout (``visual.*``, ``ln_*``, ``in_proj_*``, ...)."""
+    out = {"transformer.resblocks.0.ln_1.weight": torch.ones(4)}  # a text-tower key: must be ignored
+    for k, v in state.items():
+        if k == "cls_token":
+            k, v = "class_embedding", v.reshape(-1)
+        elif k == "pos_embed":
+            k, v = "positional_embedding", v[0]
+        for timm_name, clip_name in [
+            ("patch_embed.proj", "conv1"),
+            ("blocks.", "transformer.resblocks."),
+            ("norm_pre", "ln_pre"),
+            ("norm1", "ln_1"),
+            ("norm2", "ln_2"),
+            ("attn.qkv.", "attn.in_proj_"),
+            ("attn.proj", "attn.out_proj"),
+            ("mlp.fc1", "mlp.c_fc"),
+            ("mlp.fc2", "mlp.c_proj"),
+        ]:
+            k = k.replace(timm_name, clip_name)
+        if k.startswith("norm."):
+            k = k.replace("norm.", "ln_post.")
+        out[f"visual.{k}"] = v.clone()
+    out["visual.proj"] = torch.randn(state["cls_token"].shape[-1], proj_dim)
+    return out
+
+
+def test_backbone_converts_an_open_clip_state_dict(tmp_path):
+    source = timm.create_model(TOY_CLIP["model"], pretrained=False, num_classes=0, **TOY_CLIP["kwargs"])
+    state = {k: torch.randn_like(v) for k, v in source.state_dict().items()}
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(to_openai_clip_layout(state), path)
+    model = create_backbone({**TOY_CLIP, "weights": {**TOY_CLIP["weights"], "path": str(path)}})
+    loaded = model.state_dict()
+    assert sorted(loaded) == sorted(state)
+    for k, v in loaded.items():
+        torch.testing.assert_close(v, state[k], msg=k)
+
+
+class NotWeights:
+    """A pickled object: loading it would run arbitrary code paths, so it must be refused."""
+
+
+def test_pickled_objects_in_a_weights_file_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"cls_token": NotWeights()}, path)
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        create_backbone({**TOY_CLIP, "weights": {**TOY_CLIP["weights"], "path": str(path)}})

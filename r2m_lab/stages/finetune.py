@@ -78,6 +78,10 @@ def train_detector(
     # all data).
     n_families = len(data_cfg.get("families") or [None])
     max_steps = int(recipe.max_steps) * n_families if recipe.max_steps else -1
+    # With a step budget the balanced sampler draws exactly max_steps batches: one "epoch".
+    max_epochs = int(recipe.max_epochs) if recipe.max_epochs else (1 if max_steps > 0 else None)
+    if max_epochs is None:
+        raise ValueError("Set backbone.recipe.max_steps or backbone.recipe.max_epochs: the recipe has neither")
     batch_size = int(recipe.batch_size)
     datamodule = DetectionDataModule(
         train_frames,
@@ -94,7 +98,7 @@ def train_detector(
     trainer = instantiate(
         cfg.trainer,
         max_steps=max_steps,
-        max_epochs=int(recipe.max_epochs) if recipe.max_epochs else (1 if max_steps > 0 else None),
+        max_epochs=max_epochs,
         logger=logger if logger is not None else False,
         default_root_dir=str(output_dir(cfg)),
     )
