@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
+
 pytestmark = pytest.mark.slow
 
 
@@ -73,3 +75,10 @@ def test_finetune_logs_an_offline_wandb_run(tmp_path):
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "an offline W&B run with its data file"
     assert (run_dir / "metrics.json").is_file()
+
+
+def test_sweep_files_compose(tmp_path):
+    for sweep in sorted((REPO / "experiments").glob("*.yaml")):
+        proc = run_cli("-cd", str(REPO / "experiments"), "-cn", sweep.stem, "--cfg", "hydra", root=tmp_path)
+        assert proc.returncode == 0, (sweep.name, proc.stderr[-2000:])
+        assert "mode: MULTIRUN" in proc.stdout and "params:" in proc.stdout, sweep.name
