@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -336,3 +337,42 @@ def low_rank_factors(matrices: Tensor, q: int, method: str = "exact") -> tuple[T
         vh.append(v[:, :q].T)
     batch = matrices.shape[:-2]
     return torch.stack(us).reshape(*batch, rows, q), torch.stack(vh).reshape(*batch, q, cols)
+
+
+def merge_key_by_key(
+    theta0: StateDict,
+    specialists: Mapping[str, StateDict],
+    heads: Mapping[str, Mapping[str, Tensor]],
+    merger: str,
+    combine: Callable[[Tensor], Tensor],
+    hyperparameters: Mapping[str, Any] | None = None,
+) -> MergeResult:
+    """The one streaming pass of every merger that needs no global pre-pass: θ* = θ₀ + combine(τ) per key.
+
+    ``combine`` maps the (N, *shape) float64 task-vector stack of one key to its merged delta (*shape). Keys whose τ
+    is zero in every specialist stay θ₀ exactly; heads are averaged; diagnostics carry the task-vector geometry.
+    """
+    start = time.perf_counter()
+    names = family_names(specialists)
+    check_keys(theta0, specialists)
+    check_heads(heads, names)
+    task_gram = torch.zeros(len(names), len(names), dtype=torch.float64)
+    backbone, zero_keys = {}, 0
+    for key, reference, taus in iter_task_vectors(theta0, specialists, names):
+        if taus is None or not taus.any():
+            backbone[key] = reference.clone()
+            zero_keys += taus is not None
+            continue
+        task_gram += gram(taus)
+        backbone[key] = apply_delta(reference, combine(taus))
+    diagnostics = {
+        "merger": merger,
+        "families": names,
+        **({"hyperparameters": dict(hyperparameters)} if hyperparameters else {}),
+        "n_keys": len(backbone),
+        "n_zero_keys": zero_keys,
+        "task_vector_norms": dict(zip(names, task_gram.diagonal().sqrt().tolist(), strict=True)),
+        "task_vector_cosines": cosines_from_gram(task_gram),
+        "timings_s": {"total": time.perf_counter() - start},
+    }
+    return MergeResult(backbone=backbone, head=average_heads(heads), diagnostics=diagnostics)
