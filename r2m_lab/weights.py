@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import subprocess
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,32 +19,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from r2m_lab.atomic import atomic_path, write_json_atomic, write_text_atomic
+
 BACKBONE_PREFIX = "backbone."
 HEAD_PREFIX = "head."
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename: a crash leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def state_dict_hash(state: Mapping[str, torch.Tensor]) -> str:
@@ -69,18 +45,10 @@ def save_detector(
     metadata: Mapping[str, str],
 ) -> None:
     """Save backbone + head as one safetensors file, atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {BACKBONE_PREFIX + k: v.detach().contiguous().cpu() for k, v in backbone.items()}
     tensors.update({HEAD_PREFIX + k: v.detach().contiguous().cpu() for k, v in head.items()})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
 
 
 class LazyStateDict(Mapping[str, torch.Tensor]):
@@ -173,7 +141,7 @@ def write_card(checkpoint: str | Path, card: Mapping[str, Any]) -> dict[str, Any
     full.setdefault("checkpoint", str(Path(checkpoint).name))
     full.setdefault("versions", library_versions())
     full.setdefault("git_commit", git_commit())
-    atomic_write_json(card_path(checkpoint), full)
+    write_json_atomic(card_path(checkpoint), full)
     lines = [f"# {full.get('kind', 'detector')}: {full.get('name', Path(checkpoint).stem)}", ""]
     for key in sorted(full):
         value = full[key]
@@ -182,5 +150,5 @@ def write_card(checkpoint: str | Path, card: Mapping[str, Any]) -> dict[str, Any
             lines.extend(f"  - {k}: `{v}`" for k, v in sorted(value.items()))
         else:
             lines.append(f"- **{key}**: `{value}`")
-    atomic_write_text(Path(checkpoint).with_suffix(".md"), "\n".join(lines) + "\n")
+    write_text_atomic(Path(checkpoint).with_suffix(".md"), "\n".join(lines) + "\n")
     return full

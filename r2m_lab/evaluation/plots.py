@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torchmetrics.functional.classification import binary_auroc
 
-from r2m_lab.evaluation._io import atomic_path
+from r2m_lab.atomic import atomic_path
 from r2m_lab.evaluation.metrics import as_scores_labels, roc_curve
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from r2m_lab.evaluation._io import atomic_path, write_text_atomic
+from r2m_lab.atomic import atomic_path, write_text_atomic
 
 Best = Literal["max", "min"]
 MISSING = "n/a"

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from r2m_lab.atomic import write_json_atomic, write_text_atomic
 from r2m_lab.data.loaders import FrameDataset, build_transform, eval_loader
 from r2m_lab.data.sources import FrameSet
 from r2m_lab.detector import score_frames
@@ -32,7 +33,7 @@ from r2m_lab.stages.common import (
     resolve_device,
     specialist_path,
 )
-from r2m_lab.weights import Checkpoint, atomic_write_json, atomic_write_text
+from r2m_lab.weights import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -176,13 +177,13 @@ def _write_scores(path: Path, frames: FrameSet, scores: np.ndarray) -> None:
     writer.writerows(
         zip(frames.keys.tolist(), frames.video_ids.tolist(), frames.labels.tolist(), scores.tolist(), strict=True)
     )
-    atomic_write_text(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
     v_scores, v_labels, v_ids = video_scores(scores, frames.labels, frames.video_ids)
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["video_id", "label", "score"])
     writer.writerows(zip(list(v_ids), np.asarray(v_labels).tolist(), np.asarray(v_scores).tolist(), strict=True))
-    atomic_write_text(path.with_name(path.stem + ".videos.csv"), buf.getvalue())
+    write_text_atomic(path.with_name(path.stem + ".videos.csv"), buf.getvalue())
 
 
 def write_report(
@@ -194,7 +195,7 @@ def write_report(
     scores = report.pop("_scores", {})
     labels = report.pop("_labels", {})
     report.update(extra or {})
-    atomic_write_json(out / "metrics.json", report)
+    write_json_atomic(out / "metrics.json", report)
     results = {m: r["test"] for m, r in report["models"].items()}
     files: dict[str, str] = {"metrics": str(out / "metrics.json")}
     markdown = [f"# {title}", ""]
@@ -202,7 +203,7 @@ def write_report(
     for level in ("frame", "video"):
         rows = tables.results_table(results, report["protocols"], metric="auc", level=level)
         tables.write_csv(rows, out / f"table_auc_{level}.csv")
-        atomic_write_text(out / f"table_auc_{level}.tex", tables.to_latex(rows))
+        write_text_atomic(out / f"table_auc_{level}.tex", tables.to_latex(rows))
         summary[level] = rows
         test_names = [n for names in report["protocols"].values() for n in names]
         values = np.array([[results[m][n][level]["auc"] for n in test_names] for m in results])
@@ -242,7 +243,7 @@ def write_report(
         spent = ", ".join(f"{k} {v:.0f} s" for k, v in extra["timings_seconds"].items())
         markdown += ["## Time", "", spent, ""]
     text = "\n".join(markdown)
-    atomic_write_text(out / "results.md", text)
+    write_text_atomic(out / "results.md", text)
     files["table"] = str(out / "results.md")
     print(text)  # the run's final word: the table, for the person at the terminal
     log_report(cfg, report, out)

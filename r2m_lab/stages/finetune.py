@@ -9,6 +9,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from r2m_lab.atomic import write_json_atomic
 from r2m_lab.data.loaders import DetectionDataModule, FrameDataset, build_transform, eval_loader
 from r2m_lab.detector import score_frames
 from r2m_lab.evaluation.metrics import evaluate_scores, fit_threshold
@@ -24,7 +25,7 @@ from r2m_lab.stages.common import (
     seed_all,
     specialist_path,
 )
-from r2m_lab.weights import Checkpoint, atomic_write_json, save_detector, write_card
+from r2m_lab.weights import Checkpoint, save_detector, write_card
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     joint = cfg.benchmark.get("joint")
     kind = "joint" if joint is not None and joint.name == cfg.data.name else "specialist"
     card = train_detector(cfg, cfg.data, kind=kind, reuse=False)
-    atomic_write_json(output_dir(cfg) / "metrics.json", card)
+    write_json_atomic(output_dir(cfg) / "metrics.json", card)
     return card
 
 

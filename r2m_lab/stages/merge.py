@@ -11,6 +11,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from r2m_lab.atomic import write_json_atomic
 from r2m_lab.stages.common import (
     merged_path,
     merger_hparams,
@@ -21,7 +22,7 @@ from r2m_lab.stages.common import (
     specialist_names,
     specialist_path,
 )
-from r2m_lab.weights import Checkpoint, atomic_write_json, save_detector, write_card
+from r2m_lab.weights import Checkpoint, save_detector, write_card
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 def merge(cfg: DictConfig) -> dict[str, Any]:
     """Merge with ``cfg.merger``; write the merged detector + card to its stable path and the diagnostics here."""
     card = merge_specialists(cfg, cfg.merger)
-    atomic_write_json(output_dir(cfg) / "metrics.json", card)
+    write_json_atomic(output_dir(cfg) / "metrics.json", card)
     return card
 
 
