@@ -83,9 +83,7 @@ def load_sets(cfg: DictConfig) -> tuple[FrameSet, dict[str, FrameSet], dict[str,
     return val, tests, protocols
 
 
-def evaluate_models(
-    cfg: DictConfig, checkpoints: Mapping[str, Path], ensemble: Sequence[str] = (), keep_scores: bool = True
-) -> dict[str, Any]:
+def evaluate_models(cfg: DictConfig, checkpoints: Mapping[str, Path], ensemble: Sequence[str] = ()) -> dict[str, Any]:
     """Score every checkpoint (and optionally the ensemble of some of them) on validation and every test set.
 
     Each frame is scored once per model even where test sets share frames (the same real frames serve several
@@ -96,7 +94,8 @@ def evaluate_models(
     val, tests, protocols = load_sets(cfg)
     names = ["validation", *tests]
     pooled = FrameSet.concat("all", [val, *tests.values()])
-    unique_keys, first, inverse = np.unique(pooled.keys, return_index=True, return_inverse=True)
+    # (U,) first occurrence of each distinct frame, and (F,) where every pooled frame finds its score among the U
+    _, first, inverse = np.unique(pooled.keys, return_index=True, return_inverse=True)
     unique = pooled.subset(first, "unique")
     offsets = np.cumsum([0] + [len(val)] + [len(s) for s in tests.values()])
     sets = {"validation": val, **tests}
@@ -112,8 +111,7 @@ def evaluate_models(
         flat = score_frames(model, loader, device, desc=label)
         per_set = {n: flat[inverse[offsets[i] : offsets[i + 1]]] for i, n in enumerate(names)}
         models[label] = _metrics_for(label, per_set, sets, protocols, out, str(path))
-        if label in ensemble or keep_scores:
-            kept[label] = per_set
+        kept[label] = per_set  # (small: one float per frame) for the ensemble and the ROC plots
     if ensemble:
         # The output ensemble: mean P(fake) of the specialists, N× the inference cost of one model.
         per_set = {n: np.mean([kept[m][n] for m in ensemble], axis=0) for n in names}
