@@ -186,9 +186,9 @@ class DeepfakeBenchSource:
     def _load_index(self) -> Mapping[str, Any]:
         if not self.index.is_file():
             raise FileNotFoundError(
-                f"Dataset index for data={self.name} not found: {self.index}\n"
+                f"Dataset index for data={self.name} not found: {self.index.absolute()}\n"
                 f"Expected a DeepfakeBench JSON index ({self.dataset}.json) whose frame paths are relative to "
-                f"{self.root}. Get the data: {self.how_to_get}\n"
+                f"{self.root.absolute()}. Get the data: {self.how_to_get}\n"
                 "Then point paths.data_dir at the folder that holds dataset_json/ (or set data.index and data.root)."
             )
         with self.index.open() as fh:
