@@ -7,12 +7,14 @@ minute on two cores, while rotation prediction stayed at chance.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import albumentations as A
 import lightning as L
 import numpy as np
+import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
@@ -31,15 +33,12 @@ def pretrain_image_id(
     batch_size: int,
     seed: int,
     trainer_kwargs: Mapping[str, Any],
-) -> nn.Module:
+) -> dict[str, float]:
     """Train ``backbone`` in place with a throw-away linear head on (images (N, H, W, 3) uint8, class ids (N,)).
 
-    Returns the backbone; the head is discarded (every specialist gets the base's own 2-logit head).
+    The head is discarded (every specialist gets the base's own 2-logit head). Returns the last logged training
+    metrics (loss and accuracy of the final batches), for the base checkpoint's card.
     """
-    import functools
-
-    import torch
-
     L.seed_everything(seed, workers=True, verbose=False)
     n_classes = int(class_ids.max()) + 1
     head = nn.Linear(backbone.num_features, n_classes)
@@ -61,4 +60,4 @@ def pretrain_image_id(
         **dict(trainer_kwargs),
     )
     trainer.fit(module, train_dataloaders=loader)
-    return backbone
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -19,6 +19,7 @@ from tests.conftest import compose_config
 def test_specialists_share_theta0_and_head_init(trained_root):
     cfg = compose_config(trained_root)
     base = Checkpoint(base_path(cfg))
+    assert set(base.card()["pretext_metrics"]) >= {"train/loss", "train/acc"}
     for data_cfg in cfg.benchmark.specialists.values():
         ckpt = Checkpoint(specialist_path(cfg, data_cfg.name))
         card = ckpt.card()

@@ -114,6 +114,7 @@ def ensure_base(cfg: DictConfig) -> Path:
     bcfg = plain(cfg.backbone)
     backbone = create_backbone(bcfg)
     pretext = bcfg["weights"].get("pretext")
+    pretext_metrics: dict[str, float] = {}
     if pretext:
         from r2m_lab.data import synthetic
         from r2m_lab.pretext import pretrain_image_id
@@ -123,7 +124,7 @@ def ensure_base(cfg: DictConfig) -> Path:
         )
         root = synthetic.build(synthetic.SyntheticConfig(**plain(cfg.synthetic)), cfg.paths.cache_dir)
         images, class_ids, _ = synthetic.load_pretext(root)
-        pretrain_image_id(
+        pretext_metrics = pretrain_image_id(
             backbone,
             images,
             class_ids,
@@ -138,7 +139,8 @@ def ensure_base(cfg: DictConfig) -> Path:
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     digest = state_dict_hash(state)
     save_detector(path, state, head.state_dict(), {"kind": "base", "base_hash": digest, "name": bcfg["name"]})
-    write_card(path, {"kind": "base", "name": bcfg["name"], "base_hash": digest, "recipe": base_recipe(cfg)})
+    card = {"kind": "base", "name": bcfg["name"], "base_hash": digest, "recipe": base_recipe(cfg)}
+    write_card(path, {**card, "pretext_metrics": pretext_metrics} if pretext else card)
     log.info("θ₀ for %s written to %s (hash %s)", bcfg["name"], path, digest[:12])
     return path
 
