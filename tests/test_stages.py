@@ -142,3 +142,17 @@ def test_killed_save_leaves_no_partial_artifact(tmp_path, monkeypatch):
         save_detector(target, {"w": torch.zeros(2)}, {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}, {})
     assert not target.exists()
     assert list(target.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("model", ["joint", "specialist:synthetic_swap"])
+def test_evaluate_any_trained_model(trained_root, tmp_path, model):
+    cfg = compose_config(trained_root, ["stage=evaluate", f"stage.model={model}", f"paths.output_dir={tmp_path}"])
+    report = run_stage(cfg)
+    assert list(report["models"]) == [model]
+    assert (tmp_path / "results.md").read_text().count(model) >= 1
+
+
+def test_evaluate_names_the_command_for_a_missing_model(tmp_path):
+    cfg = compose_config(tmp_path, ["stage=evaluate", "stage.model=specialist:synthetic_grid"])
+    with pytest.raises(FileNotFoundError, match="stage=finetune data=synthetic_grid"):
+        run_stage(cfg)
