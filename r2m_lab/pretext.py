@@ -45,11 +45,11 @@ def pretrain_image_id(
     module = Detector(backbone, head, optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.05))
     # FrameSet's "labels" carry the class id here; nothing else reads them.
     frames = FrameSet("pretext", class_ids.astype(np.int64), np.arange(len(class_ids)).astype(str), images=images)
-    dataset = FrameDataset(frames, build_transform(input_cfg, [A.HorizontalFlip(p=0.5)]))
+    dataset = FrameDataset(frames, build_transform(input_cfg, [A.HorizontalFlip(p=0.5)], seed=seed))
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=RandomSampler(dataset, True, steps * batch_size, generator=gen)
-    )
+    )  # in-process (no workers): the images are already in memory
     trainer = L.Trainer(
         max_steps=steps,
         max_epochs=1,

@@ -88,3 +88,22 @@ def test_deepfakebench_reader_refuses_unknown_labels_and_missing_index(tmp_path)
     missing = DeepfakeBenchSource("x", "FF-DF", str(tmp_path / "nope.json"), str(tmp_path), [], [], how_to_get="ask")
     with pytest.raises(FileNotFoundError, match="nope.json"):
         missing.frames("test")
+
+
+def test_dataloader_workers_draw_different_augmentations():
+    import albumentations as A
+    import torch
+
+    from r2m_lab.data.loaders import FrameDataset, build_transform, seed_worker_transform
+
+    # 16 copies of one image; horizontal flips are the only randomness, so each output reveals one coin toss.
+    image = np.tile(np.arange(8, dtype=np.uint8)[None, :, None], (8, 1, 3))
+    frames = FrameSet(
+        "x", np.zeros(16, dtype=np.int64), np.array([f"v{i}" for i in range(16)]), images=image[None].repeat(16, 0)
+    )
+    inputs = {"input_size": 8, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    dataset = FrameDataset(frames, build_transform(inputs, [A.HorizontalFlip(p=0.5)], seed=3))
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2, worker_init_fn=seed_worker_transform)
+    flips = [(x[:, 0, 0, 0] > x[:, 0, 0, -1]).tolist() for x, _, _ in loader]  # one batch per worker
+    assert flips[0] != flips[1], "both workers drew the same flips"

@@ -15,8 +15,12 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from r2m_lab.data.sources import FrameSet
 
 
-def build_transform(input_cfg: Mapping[str, Any], augment: Sequence[A.BasicTransform] = ()) -> A.Compose:
-    """Augmentations (training only), then resize to the backbone's input and normalise as the backbone expects."""
+def build_transform(input_cfg: Mapping[str, Any], augment: Sequence[A.BasicTransform] = (), seed: int = 0) -> A.Compose:
+    """Augmentations (training only), then resize to the backbone's input and normalise as the backbone expects.
+
+    albumentations draws from its own generator, not numpy's or torch's, so ``seed`` is what makes a training run
+    repeatable; DataLoader workers re-seed their copy (:func:`seed_worker_transform`).
+    """
     size = int(input_cfg["input_size"])
     return A.Compose(
         [
@@ -24,8 +28,18 @@ def build_transform(input_cfg: Mapping[str, Any], augment: Sequence[A.BasicTrans
             A.Resize(size, size),
             A.Normalize(mean=input_cfg["mean"], std=input_cfg["std"], max_pixel_value=255.0),
             ToTensorV2(),
-        ]
+        ],
+        seed=seed,
     )
+
+
+def seed_worker_transform(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: give each worker's transform its own stream (torch's per-worker seed).
+
+    Without it every worker would inherit the same albumentations state and repeat the same augmentations.
+    """
+    info = torch.utils.data.get_worker_info()
+    info.dataset.transform.set_random_seed(info.seed % 2**32)
 
 
 class FrameDataset(Dataset):
@@ -92,6 +106,7 @@ class DetectionDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             drop_last=True,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=seed_worker_transform if self.num_workers > 0 else None,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -112,6 +112,7 @@ def ensure_base(cfg: DictConfig) -> Path:
     if path.is_file():
         return path
     bcfg = plain(cfg.backbone)
+    seed_all(int(bcfg["head_seed"]))  # the random init of a pretext backbone is part of θ₀: same config, same θ₀
     backbone = create_backbone(bcfg)
     pretext = bcfg["weights"].get("pretext")
     pretext_metrics: dict[str, float] = {}

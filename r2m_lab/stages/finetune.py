@@ -87,7 +87,7 @@ def train_detector(
     datamodule = DetectionDataModule(
         train_frames,
         val_frames,
-        build_transform(inputs, augment),
+        build_transform(inputs, augment, seed=int(cfg.seed)),
         build_transform(inputs),
         batch_size=batch_size,
         num_samples=max_steps * batch_size if max_steps > 0 else None,
