@@ -107,3 +107,17 @@ def test_dataloader_workers_draw_different_augmentations():
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2, worker_init_fn=seed_worker_transform)
     flips = [(x[:, 0, 0, 0] > x[:, 0, 0, -1]).tolist() for x, _, _ in loader]  # one batch per worker
     assert flips[0] != flips[1], "both workers drew the same flips"
+
+
+def test_synthetic_source_splits_follow_the_generator(tmp_path):
+    from r2m_lab.data.sources import SyntheticSource
+
+    def splits(families, domain):
+        return SyntheticSource("x", families, domain, {}, str(tmp_path)).splits()
+
+    assert splits(["swap"], "A") == ("train", "val", "test")
+    assert splits(["swap", "edit"], "B") == ("val", "test")
+    assert splits(["djpeg"], "A") == ("test",)
+    assert splits(["djpeg"], "B") == ()
+    with pytest.raises(ValueError, match="has no 'train' split"):
+        SyntheticSource("x", ["grid"], "A", {}, str(tmp_path)).frames("train")

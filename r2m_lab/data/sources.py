@@ -122,16 +122,12 @@ class SyntheticSource:
         self.generator = synthetic.SyntheticConfig(**dict(generator))
         self.cache_dir = Path(cache_dir)
 
-    @property
-    def seen(self) -> bool:
+    def splits(self) -> tuple[str, ...]:
+        """The splits in which every family of this source has a cell (the generator's cell list decides)."""
         from r2m_lab.data import synthetic
 
-        return all(f in synthetic.SEEN_FAMILIES for f in self.families)
-
-    def splits(self) -> tuple[str, ...]:
-        if not self.seen:
-            return ("test",)
-        return SPLITS if self.domain == "A" else ("val", "test")
+        cells = set(synthetic.cell_keys())
+        return tuple(s for s in SPLITS if all((s, self.domain, f) in cells for f in self.families))
 
     def frames(self, split: str) -> FrameSet:
         from r2m_lab.data import synthetic
