@@ -109,7 +109,8 @@ def test_pipeline_end_to_end_and_reuse(tmp_path):
     out = tmp_path / "run"
     rows = list(report["models"])
     assert rows[:4] == [f"specialist:{k}" for k in cfg.benchmark.specialists]
-    assert rows[4:] == ["joint", "ensemble", *cfg.stage.mergers]
+    merges = [m for m in cfg.stage.mergers if m not in ("joint", "ensemble")]
+    assert rows[4:] == ["joint", "ensemble", *merges]
     metrics = json.loads((out / "metrics.json").read_text())
     cos = np.array(metrics["task_vector_cosines"]["matrix"])
     assert cos.shape == (4, 4) and np.allclose(np.diag(cos), 1.0, atol=1e-5)

@@ -103,3 +103,28 @@ def plot_heatmap(
             colour = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"  # readable on the cell
             ax.text(j, i, format(v, fmt), ha="center", va="center", color=colour, fontsize="small")
     return _save(fig, path)
+
+
+def plot_selection(
+    labels: Sequence[str], values: Sequence[float], chosen: int, path: str | os.PathLike[str], title: str
+) -> Path:
+    """A hyper-parameter selection curve: validation AUC per grid point (in grid order), the chosen point marked."""
+    fig = Figure(figsize=(max(4.0, 0.6 * len(labels) + 2.0), 3.5))
+    ax = fig.add_subplot()
+    xs = np.arange(len(labels))
+    ax.plot(xs, values, marker="o", linewidth=1.5)
+    ax.plot(
+        [xs[chosen]],
+        [values[chosen]],
+        marker="*",
+        markersize=14,
+        color="tab:red",
+        linestyle="none",
+        label=f"chosen: {labels[chosen]}",
+    )
+    ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize="small")
+    ax.set(ylabel="validation AUC (frame)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    return _save(fig, path)

@@ -13,6 +13,10 @@ from torch import Tensor
 from r2m_lab.mergers.task_vectors import MergeResult, merge_key_by_key
 
 
+def validate() -> None:
+    """Weight averaging has no hyper-parameters: nothing to check (the merge stage calls every merger's validate)."""
+
+
 def merge(
     theta0: Mapping[str, Tensor],
     specialists: Mapping[str, Mapping[str, Tensor]],

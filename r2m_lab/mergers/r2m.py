@@ -272,19 +272,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_knobs(
+def validate(
     *,
-    k: Any,
-    center: Any,
-    block_weight: Any,
-    rank_ratio: Any,
-    svd: Any,
-    eta_mode: Any,
-    eta: Any,
-    alpha: Any,
-    norm_matching: Any,
-    truncation: Any,
+    k: Any = 1,
+    center: Any = False,
+    block_weight: Any = "none",
+    rank_ratio: Any = 0.1,
+    svd: Any = "exact",
+    eta_mode: Any = "fixed",
+    eta: Any = 1.0,
+    alpha: Any = 0.6,
+    norm_matching: Any = True,
+    truncation: Any = True,
+    n_tasks: int | None = None,
 ) -> None:
+    """Refuse out-of-range knobs before any work (the merge stage calls this at config time, with ``n_tasks`` = N)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
     for name, flag in (("center", center), ("norm_matching", norm_matching), ("truncation", truncation)):
@@ -302,6 +304,8 @@ def _check_knobs(
     for name, value in (("eta", eta), ("alpha", alpha)):
         if not _is_number(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if n_tasks is not None and k > n_tasks:
+        raise ValueError(f"k={k} exceeds the number of specialists N={n_tasks}: the real subspace has rank ≤ N")
 
 
 def merge(
@@ -327,7 +331,7 @@ def merge(
     svd: "exact" or "randomized" truncation. eta_mode, eta, alpha: step 7. norm_matching, truncation: ablation
     switches for steps 6 and 5 (off: τ_res = mean r̂ᵢ; r̂ᵢ = rᵢ).
     """
-    _check_knobs(
+    validate(
         k=k,
         center=center,
         block_weight=block_weight,

@@ -14,6 +14,12 @@ from torch import Tensor
 from r2m_lab.mergers.task_vectors import MergeResult, merge_key_by_key
 
 
+def validate(*, lam: float = 0.3) -> None:
+    """Refuse a λ that is not a finite number (called by the merge stage at config time, and by merge)."""
+    if isinstance(lam, bool) or not isinstance(lam, int | float) or not math.isfinite(lam):
+        raise ValueError(f"lam must be a finite number, got {lam!r}")
+
+
 def merge(
     theta0: Mapping[str, Tensor],
     specialists: Mapping[str, Mapping[str, Tensor]],
@@ -22,7 +28,6 @@ def merge(
     lam: float = 0.3,
 ) -> MergeResult:
     """θ₀ + λ Σᵢ τᵢ on every key (one streaming pass), heads averaged."""
-    if isinstance(lam, bool) or not isinstance(lam, int | float) or not math.isfinite(lam):
-        raise ValueError(f"lam must be a finite number, got {lam!r}")
+    validate(lam=lam)
     lam = float(lam)
     return merge_key_by_key(theta0, specialists, heads, "task_arithmetic", lambda taus: lam * taus.sum(0), {"lam": lam})

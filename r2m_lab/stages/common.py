@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import inspect
 import json
 import logging
 from collections.abc import Mapping
@@ -57,6 +59,33 @@ def merger_name(merger_cfg: Mapping[str, Any]) -> str:
 
 def merger_hparams(merger_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in plain(merger_cfg).items() if not k.startswith("_")}
+
+
+# Reference rows that are configured like mergers but combine nothing in weight space (conf/merger/{ensemble,joint}):
+# the stages score the specialists (ensemble) or the jointly trained detector (joint) instead of a merged checkpoint.
+REFERENCE_MERGERS = ("ensemble", "joint")
+
+
+def is_reference(merger_cfg: Mapping[str, Any]) -> bool:
+    return merger_name(merger_cfg) in REFERENCE_MERGERS
+
+
+def validate_merger(cfg: DictConfig, merger_cfg: Mapping[str, Any]) -> None:
+    """Run the merger module's ``validate`` on the configured hyper-parameters: bad knobs fail before any work.
+
+    ``n_tasks`` (the benchmark's number of specialists) is passed to validators that take it (R²M's k ≤ N).
+    """
+    module = importlib.import_module(str(merger_cfg["_target_"]).rsplit(".", 1)[0])
+    validate = getattr(module, "validate", None)
+    if validate is None:
+        raise ValueError(f"merger module {module.__name__} has no validate(): every merger checks its knobs")
+    hparams = merger_hparams(merger_cfg)
+    if "n_tasks" in inspect.signature(validate).parameters:
+        hparams["n_tasks"] = len(specialist_names(cfg))
+    try:
+        validate(**hparams)
+    except TypeError as err:  # an unknown knob name (a typo in an override)
+        raise ValueError(f"merger={merger_name(merger_cfg)}: {err}") from err
 
 
 # ---------------------------------------------------------------------------------------------------- artifact paths
@@ -160,16 +189,27 @@ def require_base(cfg: DictConfig) -> Checkpoint:
 # ---------------------------------------------------------------------------------------------------- models
 def build_detector(cfg: DictConfig, checkpoint: Checkpoint, with_optimizer: bool = False) -> Detector:
     """A Detector with the backbone architecture of ``cfg`` and the weights of ``checkpoint`` (strict load)."""
+    try:
+        return detector_from_state(cfg, checkpoint.backbone_state(), checkpoint.head, with_optimizer)
+    except ValueError as err:
+        raise ValueError(f"{checkpoint.path} {err}") from err
+
+
+def detector_from_state(
+    cfg: DictConfig,
+    backbone_state: Mapping[str, torch.Tensor],
+    head_state: Mapping[str, torch.Tensor],
+    with_optimizer: bool = False,
+) -> Detector:
+    """A Detector of ``cfg``'s architecture holding these weights (strict load), e.g. a merge that is not saved."""
     backbone = create_backbone(plain(cfg.backbone), load_weights=False)
     head = torch.nn.Linear(backbone.num_features, 2)
     optimizer = instantiate(cfg.backbone.recipe.optimizer) if with_optimizer else None
     model = Detector(backbone, head, optimizer)
     try:
-        model.load_weights(checkpoint.backbone_state(), checkpoint.head)
+        model.load_weights(backbone_state, head_state)
     except RuntimeError as err:
-        raise ValueError(
-            f"{checkpoint.path} does not fit backbone={cfg.backbone.name} ({cfg.backbone.model}): {err}"
-        ) from err
+        raise ValueError(f"does not fit backbone={cfg.backbone.name} ({cfg.backbone.model}): {err}") from err
     return model
 
 

@@ -23,15 +23,20 @@ from r2m_lab.data.sources import FrameSet
 from r2m_lab.detector import score_frames
 from r2m_lab.evaluation import plots, tables
 from r2m_lab.evaluation.metrics import evaluate_scores, fit_threshold, video_scores
+from r2m_lab.mergers.ensemble import merge as combine_outputs
 from r2m_lab.stages.common import (
     build_detector,
     build_logger,
     close_logger,
     input_cfg,
+    is_reference,
     merged_path,
+    merger_name,
     output_dir,
     resolve_device,
+    specialist_names,
     specialist_path,
+    validate_merger,
 )
 from r2m_lab.weights import Checkpoint
 
@@ -39,8 +44,22 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.stage.model`` (merged | joint | specialist:<data> | a checkpoint path) on every protocol."""
-    label, path = resolve_model(cfg, str(cfg.stage.model))
+    """Evaluate ``cfg.stage.model`` (merged | joint | ensemble | specialist:<data> | a checkpoint path) on every
+    protocol. ``merged`` follows ``merger``: ``merger=joint`` is the joint model, ``merger=ensemble`` the output
+    ensemble of the benchmark's specialists (each scored, then combined per frame)."""
+    spec = str(cfg.stage.model)
+    if spec == "merged" and is_reference(cfg.merger):
+        spec = merger_name(cfg.merger)
+    if spec == "ensemble":
+        reduction = "mean"  # stage.model=ensemble with another merger config: the default reduction
+        if merger_name(cfg.merger) == "ensemble":
+            validate_merger(cfg, cfg.merger)
+            reduction = str(cfg.merger.reduction)
+        members = {f"specialist:{n}": resolve_model(cfg, f"specialist:{n}")[1] for n in specialist_names(cfg)}
+        report = evaluate_models(cfg, members, ensemble=list(members), reduction=reduction)
+        write_report(cfg, report, title=f"ensemble of {len(members)} specialists on {cfg.benchmark.name}")
+        return report
+    label, path = resolve_model(cfg, spec)
     report = evaluate_models(cfg, {label: path})
     write_report(cfg, report, title=f"{label} on {cfg.benchmark.name}")
     return report
@@ -48,7 +67,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def resolve_model(cfg: DictConfig, spec: str) -> tuple[str, Path]:
     if spec == "merged":
-        path, label = merged_path(cfg, cfg.merger), f"merged:{cfg.merger._target_.split('.')[-2]}"
+        path, label = merged_path(cfg, cfg.merger), f"merged:{merger_name(cfg.merger)}"
         hint = "python -m r2m_lab stage=merge (with the same merger overrides)"
     elif spec == "joint":
         path, label = specialist_path(cfg, cfg.benchmark.joint.name), "joint"
@@ -63,7 +82,7 @@ def resolve_model(cfg: DictConfig, spec: str) -> tuple[str, Path]:
     if not path.is_file():
         raise FileNotFoundError(
             f"No checkpoint for model={spec!r} at {path}. Create it with: {hint}. "
-            "Valid models: merged | joint | specialist:<data name> | /path/to/checkpoint.safetensors"
+            "Valid models: merged | joint | ensemble | specialist:<data name> | /path/to/checkpoint.safetensors"
         )
     return label, path
 
@@ -83,7 +102,9 @@ def load_sets(cfg: DictConfig) -> tuple[FrameSet, dict[str, FrameSet], dict[str,
     return val, tests, protocols
 
 
-def evaluate_models(cfg: DictConfig, checkpoints: Mapping[str, Path], ensemble: Sequence[str] = ()) -> dict[str, Any]:
+def evaluate_models(
+    cfg: DictConfig, checkpoints: Mapping[str, Path], ensemble: Sequence[str] = (), reduction: str = "mean"
+) -> dict[str, Any]:
     """Score every checkpoint (and optionally the ensemble of some of them) on validation and every test set.
 
     Each frame is scored once per model even where test sets share frames (the same real frames serve several
@@ -113,10 +134,11 @@ def evaluate_models(cfg: DictConfig, checkpoints: Mapping[str, Path], ensemble: 
         models[label] = _metrics_for(label, per_set, sets, protocols, out, str(path))
         kept[label] = per_set  # (small: one float per frame) for the ensemble and the ROC plots
     if ensemble:
-        # The output ensemble: mean P(fake) of the specialists, N× the inference cost of one model.
-        per_set = {n: np.mean([kept[m][n] for m in ensemble], axis=0) for n in names}
+        # The output ensemble: mean (or median / max) P(fake) of the specialists, N× the inference cost of one model.
+        per_set = {n: combine_outputs([kept[m][n] for m in ensemble], reduction=reduction) for n in names}
         kept["ensemble"] = per_set
-        models["ensemble"] = _metrics_for("ensemble", per_set, sets, protocols, out, "mean of " + ", ".join(ensemble))
+        source = f"{reduction} of " + ", ".join(ensemble)
+        models["ensemble"] = _metrics_for("ensemble", per_set, sets, protocols, out, source)
     labels = {n: f.labels for n, f in sets.items()}
     return {
         "benchmark": str(cfg.benchmark.name),

@@ -1,40 +1,72 @@
-"""stage=merge: merge the benchmark's specialists with the configured merger, streaming from their safetensors."""
+"""stage=merge: merge the benchmark's specialists with the configured merger, streaming from their safetensors.
+
+With ``stage.select`` (a grid, e.g. ``stage.select={lam:[0.1,0.3,0.5,1.0]}``) the merger's scalar(s) are chosen by
+frame-level AUC on the pooled in-distribution *validation* split first; the curve is recorded in the card, in
+``metrics.json`` and as ``plots/selection_<merger>.png``. Selecting on any other split is refused.
+The reference rows ``merger=ensemble`` and ``merger=joint`` write no weights: the stage records what they are made of.
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from r2m_lab.atomic import write_json_atomic
+from r2m_lab.data.loaders import FrameDataset, build_transform, eval_loader
+from r2m_lab.data.sources import FrameSet
+from r2m_lab.detector import score_frames
+from r2m_lab.evaluation import plots
+from r2m_lab.evaluation.metrics import frame_metrics
 from r2m_lab.stages.common import (
+    detector_from_state,
+    fingerprint,
+    input_cfg,
+    is_reference,
     merged_path,
     merger_hparams,
     merger_name,
     output_dir,
     plain,
     require_base,
+    resolve_device,
     specialist_names,
     specialist_path,
+    validate_merger,
 )
 from r2m_lab.weights import Checkpoint, save_detector, write_card
 
 log = logging.getLogger(__name__)
 
+SELECTION_SPLIT = "val"  # the only split hyper-parameters may be chosen on (merging.md)
+
 
 def merge(cfg: DictConfig) -> dict[str, Any]:
-    """Merge with ``cfg.merger``; write the merged detector + card to its stable path and the diagnostics here."""
-    card = merge_specialists(cfg, cfg.merger)
+    """Merge with ``cfg.merger`` (choosing its scalars on validation if ``stage.select`` is set); write the merged
+    detector + card to its stable path and the card as this run's ``metrics.json``."""
+    select = plain(cfg.stage.get("select")) or {}
+    if is_reference(cfg.merger):
+        if select:
+            raise ValueError(f"merger={merger_name(cfg.merger)} is a reference row: it has nothing to select")
+        card = reference_card(cfg, cfg.merger)
+    elif select:
+        card = select_and_merge(cfg, cfg.merger, select, split=str(cfg.stage.get("select_split", SELECTION_SPLIT)))
+    else:
+        card = merge_specialists(cfg, cfg.merger)
     write_json_atomic(output_dir(cfg) / "metrics.json", card)
     return card
 
 
-def open_specialists(cfg: DictConfig) -> tuple[Checkpoint, dict[str, Checkpoint]]:
+def open_specialists(cfg: DictConfig, device: str = "cpu") -> tuple[Checkpoint, dict[str, Checkpoint]]:
     """θ₀ and the benchmark's specialists, refused unless every specialist descends from this θ₀."""
     names = specialist_names(cfg)
     missing = [n for n in names if not specialist_path(cfg, n).is_file()]
@@ -46,7 +78,8 @@ def open_specialists(cfg: DictConfig) -> tuple[Checkpoint, dict[str, Checkpoint]
             f"Train them first:\n{commands}"
         )
     base = require_base(cfg)
-    specialists = {n: Checkpoint(specialist_path(cfg, n)) for n in names}
+    base = Checkpoint(base.path, device=device)
+    specialists = {n: Checkpoint(specialist_path(cfg, n), device=device) for n in names}
     foreign = {n: c.base_hash[:12] or "none" for n, c in specialists.items() if c.base_hash != base.base_hash}
     if foreign:
         raise ValueError(
@@ -57,22 +90,34 @@ def open_specialists(cfg: DictConfig) -> tuple[Checkpoint, dict[str, Checkpoint]
     return base, specialists
 
 
-def merge_specialists(cfg: DictConfig, merger_cfg: Mapping[str, Any], reuse: bool = False) -> dict[str, Any]:
-    """Run one merger over the benchmark's specialists; return the merged detector's card."""
+def _run_merger(merger_cfg: Mapping[str, Any], base: Checkpoint, specialists: Mapping[str, Checkpoint]) -> Any:
+    merge_fn = instantiate(merger_cfg)
+    return merge_fn(
+        base.backbone, {n: c.backbone for n, c in specialists.items()}, {n: c.head for n, c in specialists.items()}
+    )
+
+
+def merge_specialists(
+    cfg: DictConfig,
+    merger_cfg: Mapping[str, Any],
+    reuse: bool = False,
+    selection: Mapping[str, Any] | None = None,
+    result: Any = None,
+) -> dict[str, Any]:
+    """Run one merger over the benchmark's specialists (or save an already computed ``result``); return the card."""
     path = merged_path(cfg, merger_cfg)
     name = merger_name(merger_cfg)
-    merge_fn = instantiate(merger_cfg)  # validates the hyper-parameters' names before any work
-    base, specialists = open_specialists(cfg)
+    validate_merger(cfg, merger_cfg)  # bad knobs fail here, before any checkpoint is read
+    base, specialists = open_specialists(cfg, device=str(resolve_device(cfg)))
     sources = {n: {"path": str(c.path), "hash_of_base": c.base_hash} for n, c in specialists.items()}
-    if reuse and path.is_file():
+    if reuse and result is None and path.is_file():
         card = Checkpoint(path).card()
         if card.get("specialist_mtimes") == _mtimes(specialists):
             log.info("Reusing merged model %s", path)
             return card
     start = time.perf_counter()
-    result = merge_fn(
-        base.backbone, {n: c.backbone for n, c in specialists.items()}, {n: c.head for n, c in specialists.items()}
-    )
+    if result is None:
+        result = _run_merger(merger_cfg, base, specialists)
     seconds = time.perf_counter() - start
     save_detector(path, result.backbone, result.head, {"kind": "merged", "base_hash": base.base_hash, "name": name})
     card = write_card(
@@ -89,14 +134,169 @@ def merge_specialists(cfg: DictConfig, merger_cfg: Mapping[str, Any], reuse: boo
             "specialists": sources,
             "specialist_mtimes": _mtimes(specialists),
             "seed": int(cfg.seed),
-            "merge_seconds": round(seconds, 3),
+            "merge_seconds": round(result.diagnostics.get("timings_s", {}).get("total", seconds), 3),
             "diagnostics": plain(result.diagnostics),
+            **({"selection": dict(selection)} if selection else {}),
+            "checkpoint_path": str(path),
         },
     )
-    log.info("Merged %d specialists with %s in %.2f s → %s", len(specialists), name, seconds, path)
+    log.info("Merged %d specialists with %s in %.2f s → %s", len(specialists), name, card["merge_seconds"], path)
     return card
 
 
 def _mtimes(specialists: Mapping[str, Checkpoint]) -> dict[str, float]:
     # A re-trained specialist invalidates every merge made from its predecessor.
     return {n: Path(c.path).stat().st_mtime for n, c in specialists.items()}
+
+
+# ------------------------------------------------------------------------------------------ reference rows
+def reference_card(cfg: DictConfig, merger_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What a reference row is made of: the specialists (ensemble) or the joint checkpoint and its geometry (joint)."""
+    name = merger_name(merger_cfg)
+    validate_merger(cfg, merger_cfg)
+    base, specialists = open_specialists(cfg)
+    card: dict[str, Any] = {
+        "kind": "reference",
+        "merger": name,
+        "hparams": merger_hparams(merger_cfg),
+        "benchmark": str(cfg.benchmark.name),
+        "specialists": {n: str(c.path) for n, c in specialists.items()},
+    }
+    if name == "joint":
+        path = specialist_path(cfg, cfg.benchmark.joint.name)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"No joint model at {path}. Train it with: python -m r2m_lab stage=finetune "
+                f"data={cfg.benchmark.joint.name} seed={cfg.seed}"
+            )
+        joint = Checkpoint(path)
+        if joint.base_hash != base.base_hash:
+            raise ValueError(f"the joint model {path} was not fine-tuned from θ₀ {base.path.name}")
+        result = instantiate(merger_cfg)(
+            base.backbone,
+            {n: c.backbone for n, c in specialists.items()},
+            {n: c.head for n, c in specialists.items()},
+            joint=joint.backbone,
+            joint_head=joint.head,
+        )
+        card.update(checkpoint=str(path), diagnostics=plain(result.diagnostics))
+        log.info("joint: %s; cosine(τ_joint, τᵢ) = %s", path, result.diagnostics["cosine_with_joint"])
+    else:
+        log.info(
+            "ensemble of %s (%s); evaluate it with stage=evaluate merger=ensemble",
+            sorted(specialists),
+            card["hparams"].get("reduction", "mean"),
+        )
+    return card
+
+
+# ------------------------------------------------------------------------------------------ validation selection
+def selection_grid(select: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The grid points of ``{param: [values...]}``: the Cartesian product, in the order the values are listed."""
+    params = list(select)
+    values = []
+    for param in params:
+        vals = select[param]
+        if isinstance(vals, str) or not isinstance(vals, Sequence) or not len(vals):
+            raise ValueError(f"stage.select.{param} must be a non-empty list of values, got {vals!r}")
+        values.append(list(vals))
+    return [dict(zip(params, point, strict=True)) for point in itertools.product(*values)]
+
+
+def validation_frames(cfg: DictConfig, split: str = SELECTION_SPLIT) -> FrameSet:
+    """The pooled validation split of the benchmark's validation sets, refused unless they are in-distribution."""
+    if split != SELECTION_SPLIT:
+        raise ValueError(
+            f"hyper-parameters are chosen on the in-distribution validation split only ({SELECTION_SPLIT!r}); "
+            f"selecting on {split!r} would report a number tuned on its own test data"
+        )
+    allowed = set(specialist_names(cfg))
+    sets = dict(cfg.benchmark.validation)
+    foreign = sorted(str(d.name) for d in sets.values() if str(d.name) not in allowed)
+    if foreign:
+        raise ValueError(
+            f"benchmark.validation lists {foreign}, which are not the specialists' own families {sorted(allowed)}: "
+            "selection may only look at in-distribution validation data, never at cross-domain or unseen sets"
+        )
+    return FrameSet.concat("validation", [instantiate(d).frames(split) for d in sets.values()])
+
+
+def select_and_merge(
+    cfg: DictConfig,
+    merger_cfg: Mapping[str, Any],
+    select: Mapping[str, Any],
+    split: str = SELECTION_SPLIT,
+    reuse: bool = False,
+) -> dict[str, Any]:
+    """Merge at every grid point, keep the one with the best validation AUC (the first on ties), save it.
+
+    Each point is merged in memory and scored on the pooled in-distribution validation frames; only the winner is
+    written. The card's ``selection`` holds the grid, the curve and the choice.
+    """
+    name = merger_name(merger_cfg)
+    val = validation_frames(cfg, split)  # refuses other splits before any work
+    unknown = sorted(set(select) - set(merger_hparams(merger_cfg)))
+    if unknown:
+        known = sorted(merger_hparams(merger_cfg))
+        raise ValueError(f"merger={name} has no hyper-parameter(s) {unknown} to select; it has {known}")
+    grid = selection_grid(select)
+    # resolved first: a detached copy cannot resolve interpolations such as r2m's ${rank_ratio}
+    points = [OmegaConf.merge(OmegaConf.create(plain(merger_cfg)), point) for point in grid]
+    for point_cfg in points:
+        validate_merger(cfg, point_cfg)  # the whole grid is checked before the first merge
+    device = resolve_device(cfg)
+    base, specialists = open_specialists(cfg, device=str(device))
+    # A selection is a pure function of the merger config, the grid and the specialists: remember its winner.
+    key = {"grid": select, "merger": merger_hparams(merger_cfg), "split": split, "specialists": _mtimes(specialists)}
+    memo = merged_path(cfg, merger_cfg).with_name(f"{name}-selection-{fingerprint(key, 8)}.json")
+    if reuse and memo.is_file():
+        chosen_path = Path(json.loads(memo.read_text())["checkpoint"])
+        if chosen_path.is_file() and Checkpoint(chosen_path).card().get("specialist_mtimes") == _mtimes(specialists):
+            log.info("Reusing the validation selection of %s: %s", name, chosen_path)
+            return Checkpoint(chosen_path).card()
+    curve, best, best_result, loader = [], -1, None, None
+    for i, (point, point_cfg) in enumerate(tqdm(list(zip(grid, points, strict=True)), desc=f"select {name}")):
+        result = _run_merger(point_cfg, base, specialists)
+        model = detector_from_state(cfg, result.backbone, result.head)
+        if loader is None:  # the pooled sets share their real frames: score each distinct frame once
+            _, first, inverse = np.unique(val.keys, return_index=True, return_inverse=True)
+            unique = FrameDataset(val.subset(first, "validation/unique"), build_transform(input_cfg(cfg, model)))
+            loader = eval_loader(unique, int(cfg.eval_batch_size))
+        scores = score_frames(model, loader, device)[inverse]  # (F,) back in pooled order
+        auc = frame_metrics(scores, val.labels)["auc"]
+        curve.append({**point, "val_auc": auc})
+        log.info("select %s %s: validation AUC %.4f", name, point, auc)
+        if best < 0 or (np.isfinite(auc) and not auc <= curve[best]["val_auc"]):
+            best, best_result = i, result
+        del model
+    chosen = grid[best]
+    labels = [", ".join(f"{k}={v}" for k, v in p.items()) for p in grid]
+    plot = plots.plot_selection(
+        labels,
+        [c["val_auc"] for c in curve],
+        best,
+        output_dir(cfg) / "plots" / f"selection_{name}.png",
+        f"{name}: chosen on the validation split",
+    )
+    selection = {
+        "split": split,
+        "sets": [str(d.name) for d in cfg.benchmark.validation.values()],
+        "frames": len(val),
+        "metric": "frame-level AUC",
+        "grid": {k: list(v) for k, v in select.items()},
+        "curve": curve,
+        "chosen": chosen,
+        "plot": str(plot),
+    }
+    card = merge_specialists(cfg, points[best], reuse=reuse, selection=selection, result=best_result)
+    write_json_atomic(memo, {"checkpoint": card["checkpoint_path"], "chosen": chosen})
+    overrides = " ".join(f"merger.{k}={v}" for k, v in chosen.items())
+    log.info(
+        "%s: chose %s (validation AUC %.4f); evaluate it with: python -m r2m_lab stage=evaluate merger=%s %s",
+        name,
+        chosen,
+        curve[best]["val_auc"],
+        name,
+        overrides,
+    )
+    return card
