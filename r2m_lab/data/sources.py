@@ -470,9 +470,12 @@ class ConcatSource:
     joint model does not see the shared reals N times as often as each family's fakes.
     """
 
-    def __init__(self, name: str, parts: Mapping[str, Any]) -> None:
+    def __init__(self, name: str, parts: Mapping[str, Any], families: Sequence[str] | None = None) -> None:
         if not parts:
             raise ValueError(f"data {name}: a ConcatSource needs at least one part")
+        # ``families`` is what stage=finetune counts for a joint step budget; it must name the parts, no more.
+        if families is not None and list(families) != list(parts):
+            raise ValueError(f"data {name}: families {list(families)} must be the parts {list(parts)}")
         self.name = name
         self.parts = dict(parts)
         self.families = list(self.parts)
