@@ -33,6 +33,35 @@ def build_transform(input_cfg: Mapping[str, Any], augment: Sequence[A.BasicTrans
     )
 
 
+def build_augment(spec: Mapping[str, Any] | None) -> list[A.BasicTransform]:
+    """The training augmentations of ``backbone.recipe.augment``: ``{name: {_target_: albumentations.X, ...}}``.
+
+    Keyed by name so that every knob reads well as an override (``backbone.recipe.augment.flip.p=0``,
+    ``backbone.recipe.augment.jpeg.quality_range=[60,100]``); an entry set to null is left out
+    (``backbone.recipe.augment.blur=null``), and the transforms run in the order of the keys.
+    """
+    from hydra.utils import instantiate
+
+    if spec is None:
+        return []
+    if not isinstance(spec, Mapping):
+        raise TypeError(
+            f"backbone.recipe.augment must be a mapping {{name: {{_target_: albumentations.X, ...}}}}, got "
+            f"{type(spec).__name__}"
+        )
+    transforms = []
+    for name, entry in spec.items():
+        if entry is None:
+            continue
+        transform = instantiate(entry)
+        if not isinstance(transform, A.BasicTransform):
+            raise TypeError(
+                f"backbone.recipe.augment.{name} is a {type(transform).__name__}, not an albumentations transform"
+            )
+        transforms.append(transform)
+    return transforms
+
+
 def seed_worker_transform(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: give each worker's transform its own stream (torch's per-worker seed).
 

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from r2m_lab.atomic import write_json_atomic
-from r2m_lab.data.loaders import DetectionDataModule, FrameDataset, build_transform, eval_loader
+from r2m_lab.data.loaders import DetectionDataModule, FrameDataset, build_augment, build_transform, eval_loader
 from r2m_lab.detector import score_frames
 from r2m_lab.evaluation.metrics import evaluate_scores, fit_threshold
 from r2m_lab.stages.common import (
@@ -74,7 +74,7 @@ def train_detector(
     recipe = cfg.backbone.recipe
     model = build_detector(cfg, base, with_optimizer=True)
     inputs = input_cfg(cfg, model)
-    augment = [instantiate(a) for a in recipe.augment]
+    augment = build_augment(recipe.augment)
     # A joint model sees each family as often as its specialist does (the paper's joint training: same epochs,
     # all data).
     n_families = len(data_cfg.get("families") or [None])
