@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bench bench-merge clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ test: install
 ## Skip the slow real-CLI tests (local iteration only; CI always runs them).
 test-fast: install
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow"
+
+## Benchmarks (not tests): merge wall time and peak RSS at real CLIP ViT-B/16 and ViT-L/14 shapes, N = 3 and 6.
+## Writes bench/merge_report.{md,json}; the first run writes ~10 GB of random-weight fixtures under bench/fixtures.
+bench: bench-merge
+
+bench-merge: install
+	$(BIN)/python -m r2m_lab.bench $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

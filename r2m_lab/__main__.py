@@ -6,8 +6,10 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from r2m_lab.memory import reuse_freed_memory
     from r2m_lab.stages import run_stage  # imported here so `--help` and config errors answer fast
 
+    reuse_freed_memory()  # large merges reuse freed memory instead of page-faulting it in again (see memory.py)
     run_stage(cfg)
 
 

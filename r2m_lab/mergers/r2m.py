@@ -150,6 +150,16 @@ def combine_factors(us: Tensor, vh: Tensor | None, scales: Tensor) -> Tensor:
     return (left @ right).reshape(-1)  # block-major = a fused qkv's row order
 
 
+def factor_gram(us: Tensor, vh: Tensor) -> Tensor:
+    """Σ_b ⟨r̂ᵢᵇ, r̂ⱼᵇ⟩ for r̂ = US·Vh given as factors (N, B, m, q), (N, B, q, n): (N, N) float64 on the CPU.
+
+    ⟨Uᵢ Vᵢ, Uⱼ Vⱼ⟩_F = Σ ((Uᵢᵀ Uⱼ) ∘ (Vᵢ Vⱼᵀ)), two (q × q) Gram blocks per pair instead of two dense (m × n) copies.
+    """
+    left = torch.einsum("ibmq,jbmr->ijbqr", us.to(torch.float64), us.to(torch.float64))  # (N, N, B, q, q)
+    right = torch.einsum("ibqn,jbrn->ijbqr", vh.to(torch.float64), vh.to(torch.float64))
+    return (left * right).sum((2, 3, 4)).cpu()
+
+
 # ------------------------------------------------------------------------------------------------------ passes
 
 
@@ -229,8 +239,12 @@ def _pass2(
             if q < min(rows, cols):  # ρ = 1 keeps everything: nothing to store, pass 3 rebuilds rᵢ exactly
                 # float32 SVD: the residuals come from float32 (or narrower) weights, and it is ~2× faster.
                 us, vh = low_rank_factors(blocks.to(torch.float32), q, svd)  # (N, B, m, q), (N, B, q, n)
-                dense = us @ vh  # (N, B, m, n) r̂, transient
-                acc.factors[key] = (us, vh) if q * (rows + cols) < rows * cols else (dense, None)
+                if q * (rows + cols) < rows * cols:
+                    acc.factors[key] = (us, vh)
+                    acc.residual_gram += factor_gram(us, vh)  # never densifies r̂: O(N²q²(m+n)), not O(Nmnq)
+                    continue
+                dense = us @ vh  # (N, B, m, n) r̂: smaller than its factors here
+                acc.factors[key] = (dense, None)
                 residuals = dense.reshape(n, -1).to(torch.float64)
         acc.residual_gram += gram(residuals)
     return acc
@@ -278,7 +292,7 @@ def validate(
     center: Any = False,
     block_weight: Any = "none",
     rank_ratio: Any = 0.1,
-    svd: Any = "exact",
+    svd: Any = "randomized",
     eta_mode: Any = "fixed",
     eta: Any = 1.0,
     alpha: Any = 0.6,
@@ -317,7 +331,7 @@ def merge(
     center: bool = False,
     block_weight: str = "none",
     rank_ratio: float = 0.1,
-    svd: str = "exact",
+    svd: str = "randomized",
     eta_mode: str = "fixed",
     eta: float = 1.0,
     alpha: float = 0.6,

@@ -46,7 +46,6 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         timings[key] = round(time.perf_counter() - start, 2)
         return value
 
-    timed("base", ensure_base, cfg)
     mergers = dict(cfg.stage.mergers)
     select = plain(cfg.stage.get("select")) or {}
     unknown = sorted(set(select) - set(mergers))
@@ -57,6 +56,7 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         )
     for merger_cfg in mergers.values():  # every knob checked before hours of training
         validate_merger(cfg, merger_cfg)
+    timed("base", ensure_base, cfg)
     checkpoints: dict[str, Path] = {}
     for key, data_cfg in cfg.benchmark.specialists.items():
         timed(f"finetune/{key}", train_detector, cfg, data_cfg, "specialist", reuse, group)

@@ -1,0 +1,235 @@
+"""The merge stage around the math: config-time refusals, validation-only selection, the reference rows."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from r2m_lab.mergers import ensemble, joint
+from r2m_lab.stages import run_stage
+from r2m_lab.stages.common import specialist_path
+from r2m_lab.weights import Checkpoint, LazyStateDict, save_detector
+from tests.conftest import compose_config
+
+
+@pytest.fixture
+def root(trained_root: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained specialists (θ₀, four specialists, joint), without anybody's merges."""
+    shutil.copytree(trained_root / "artifacts", tmp_path / "artifacts", ignore=shutil.ignore_patterns("merged"))
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------------- config-time refusals
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["merger=r2m", "rank_ratio=1.5"], "rank_ratio must be a fraction in \\(0, 1\\]"),
+        (["merger=r2m", "rank_ratio=0"], "rank_ratio must be a fraction"),
+        (["merger=r2m", "merger.k=5"], "k=5 exceeds the number of specialists N=4"),
+        (["merger=r2m", "merger.eta_mode=sideways"], "eta_mode must be one of"),
+        (["merger=task_arithmetic", "merger.lam=nan"], "lam must be a finite number"),
+        (["merger=ensemble", "merger.reduction=mode"], "reduction must be one of"),
+        (["merger=task_arithmetic", "+merger.lamda=0.5"], "merger=task_arithmetic: .*lamda"),
+    ],
+)
+def test_bad_knobs_are_refused_before_any_checkpoint_is_read(tmp_path, overrides, message):
+    # tmp_path holds no specialists at all: a refusal that came after reading would be a FileNotFoundError
+    cfg = compose_config(tmp_path, ["stage=merge", *overrides])
+    with pytest.raises(ValueError, match=message):
+        run_stage(cfg)
+
+
+def test_pipeline_checks_every_merger_before_training(tmp_path):
+    cfg = compose_config(tmp_path, ["stage.mergers.r2m.rank_ratio=2.0"])
+    with pytest.raises(ValueError, match="rank_ratio"):
+        run_stage(cfg)
+    assert not (tmp_path / "artifacts").exists(), "nothing trained before the knob check"
+
+
+# ------------------------------------------------------------------------------------------- selection
+def test_selection_picks_the_best_validation_auc_and_records_the_curve(root):
+    grid = [0.0, 0.3, 1.0, 3.0]
+    out = root / "run"
+    cfg = compose_config(root, ["stage=merge", "merger=task_arithmetic", f"stage.select={{lam:{grid}}}"])
+    card = run_stage(cfg)
+    selection = card["selection"]
+    assert selection["split"] == "val" and selection["grid"] == {"lam": grid}
+    assert [point["lam"] for point in selection["curve"]] == grid
+    aucs = [point["val_auc"] for point in selection["curve"]]
+    assert selection["chosen"] == {"lam": grid[int(np.argmax(aucs))]}
+    assert card["hparams"] == {"lam": selection["chosen"]["lam"]}
+    # λ = 0 is θ₀ with the averaged head and λ = 3 an extrapolation: the grid really spans different models
+    assert len(set(np.round(aucs, 6))) > 1
+    assert (out / "plots" / "selection_task_arithmetic.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "metrics.json").read_text())["selection"]["chosen"] == selection["chosen"]
+
+    # the saved winner, evaluated independently by stage=evaluate, has the validation AUC the curve recorded
+    chosen = selection["chosen"]["lam"]
+    cfg = compose_config(
+        root, ["stage=evaluate", "merger=task_arithmetic", f"merger.lam={chosen}", f"paths.output_dir={root}/eval"]
+    )
+    report = run_stage(cfg)
+    (label,) = report["models"]
+    assert report["models"][label]["validation"]["frame"]["auc"] == pytest.approx(max(aucs), abs=1e-9)
+
+
+def test_selection_is_reused_when_nothing_changed(root):
+    overrides = ["stage=merge", "merger=task_arithmetic", "stage.select={lam:[0.1,0.5]}"]
+    first = run_stage(compose_config(root, overrides))
+    path = Path(first["checkpoint_path"])
+    stamp = path.stat().st_mtime_ns
+    from r2m_lab.stages.merge import select_and_merge
+
+    cfg = compose_config(root, overrides)
+    again = select_and_merge(cfg, cfg.merger, {"lam": [0.1, 0.5]}, reuse=True)
+    assert again["selection"] == first["selection"] and path.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("split", ["test", "unseen", "train"])
+def test_selection_refuses_any_split_but_validation(root, split):
+    cfg = compose_config(
+        root, ["stage=merge", "merger=task_arithmetic", "stage.select={lam:[0.3]}", f"stage.select_split={split}"]
+    )
+    with pytest.raises(ValueError, match="in-distribution validation split only"):
+        run_stage(cfg)
+
+
+def test_selection_refuses_validation_sets_outside_the_specialists_families(root):
+    cfg = compose_config(
+        root,
+        [
+            "stage=merge",
+            "merger=task_arithmetic",
+            "stage.select={lam:[0.3]}",
+            "benchmark.validation=${benchmark.protocols.unseen}",
+        ],
+    )
+    with pytest.raises(ValueError, match="never at cross-domain or unseen sets"):
+        run_stage(cfg)
+
+
+def test_selection_refuses_unknown_parameters_and_bad_grid_values(root):
+    cfg = compose_config(root, ["stage=merge", "merger=task_arithmetic", "stage.select={eta:[1.0]}"])
+    with pytest.raises(ValueError, match="no hyper-parameter\\(s\\) \\['eta'\\]"):
+        run_stage(cfg)
+    cfg = compose_config(root, ["stage=merge", "merger=r2m", "stage.select={rank_ratio:[0.1,1.5]}"])
+    with pytest.raises(ValueError, match="rank_ratio must be a fraction"):
+        run_stage(cfg)
+    assert not (root / "artifacts" / "merged").exists(), "the whole grid is checked before the first merge"
+
+
+def test_pipeline_selects_each_grid_on_validation(tmp_path):
+    cfg = compose_config(
+        tmp_path,
+        [
+            "stage.select.task_arithmetic={lam:[0.2,0.6]}",
+            "~stage.select.r2m",
+            "~stage.mergers.r2m",
+            "~stage.mergers.joint",
+        ],
+    )
+    report = run_stage(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["merges"]["task_arithmetic"]["selection"]["grid"] == {"lam": [0.2, 0.6]}
+    assert "selection" not in metrics["merges"]["average"]
+    assert "joint" not in report["models"] and not specialist_path(cfg, "synthetic_joint").exists()
+    assert "ensemble" in report["models"]
+
+
+def test_pipeline_refuses_a_grid_for_a_merger_it_does_not_run(tmp_path):
+    cfg = compose_config(tmp_path, ["~stage.mergers.r2m"])
+    with pytest.raises(ValueError, match="~stage.select.r2m"):
+        run_stage(cfg)
+
+
+# ------------------------------------------------------------------------------------------- reference rows
+def test_ensemble_reductions():
+    scores = [np.array([0.1, 0.9, 0.5]), np.array([0.3, 0.7, 0.0]), np.array([0.2, 0.2, 1.0])]
+    np.testing.assert_allclose(ensemble.merge(scores), [0.2, 0.6, 0.5])
+    np.testing.assert_allclose(ensemble.merge(scores, reduction="median"), [0.2, 0.7, 0.5])
+    np.testing.assert_allclose(ensemble.merge(scores, reduction="max"), [0.3, 0.9, 1.0])
+    with pytest.raises(ValueError, match="at least one"):
+        ensemble.merge([])
+
+
+def test_joint_reference_returns_the_joint_weights_and_its_geometry():
+    theta0 = {"w": torch.zeros(2, 2), "n": torch.tensor(3)}
+    specialists = {
+        "a": {"w": torch.tensor([[1.0, 0.0], [0.0, 0.0]]), "n": torch.tensor(3)},
+        "b": {"w": torch.tensor([[0.0, 2.0], [0.0, 0.0]]), "n": torch.tensor(3)},
+    }
+    heads = {n: {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)} for n in specialists}
+    joint_state = {"w": torch.tensor([[1.0, 1.0], [0.0, 0.0]]), "n": torch.tensor(3)}
+    head = {"weight": torch.ones(2, 2), "bias": torch.ones(2)}
+    result = joint.merge(theta0, specialists, heads, joint=joint_state, joint_head=head)
+    assert torch.equal(result.backbone["w"], joint_state["w"]) and torch.equal(result.head["bias"], head["bias"])
+    cos = result.diagnostics["cosine_with_joint"]
+    assert cos["a"] == pytest.approx(2**-0.5) and cos["b"] == pytest.approx(2**-0.5)
+    assert result.diagnostics["joint_task_vector_norm"] == pytest.approx(2**0.5)
+    with pytest.raises(ValueError, match="missing keys"):
+        joint.merge(theta0, specialists, heads, joint={"w": joint_state["w"]}, joint_head=head)
+
+
+def test_merge_stage_records_the_reference_rows(root):
+    card = run_stage(compose_config(root, ["stage=merge", "merger=joint"]))
+    assert card["kind"] == "reference" and card["checkpoint"].endswith("synthetic_joint.safetensors")
+    assert set(card["diagnostics"]["cosine_with_joint"]) == {
+        "synthetic_swap",
+        "synthetic_reenact",
+        "synthetic_synthesis",
+        "synthetic_edit",
+    }
+    card = run_stage(compose_config(root, ["stage=merge", "merger=ensemble", f"paths.output_dir={root}/e"]))
+    assert card["kind"] == "reference" and len(card["specialists"]) == 4
+    assert not (root / "artifacts" / "merged").exists(), "reference rows write no weights"
+    with pytest.raises(ValueError, match="nothing to select"):
+        run_stage(compose_config(root, ["stage=merge", "merger=joint", "stage.select={lam:[1.0]}"]))
+
+
+def test_evaluate_ensemble_is_the_mean_of_the_specialists_scores(root):
+    out = root / "run"
+    report = run_stage(compose_config(root, ["stage=evaluate", "merger=ensemble"]))
+    members = [m for m in report["models"] if m.startswith("specialist:")]
+    assert len(members) == 4 and "ensemble" in report["models"]
+
+    def scores(model: str) -> np.ndarray:
+        path = out / "scores" / model.replace(":", "-") / "unseen__grid.csv"
+        with path.open() as fh:
+            return np.array([float(row["score"]) for row in csv.DictReader(fh)])
+
+    expected = np.mean([scores(m) for m in members], axis=0)
+    np.testing.assert_allclose(scores("ensemble"), expected, rtol=1e-12)
+
+
+def test_evaluate_joint_through_the_merger_group(root):
+    report = run_stage(compose_config(root, ["stage=evaluate", "merger=joint"]))
+    assert list(report["models"]) == ["joint"]
+
+
+# ------------------------------------------------------------------------------------------- lazy reading
+def test_lazy_state_dict_reads_per_key_and_lands_on_the_device(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_detector(
+        path,
+        {"a": torch.arange(4.0), "b": torch.ones(2, 2)},
+        {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)},
+        {"kind": "x"},
+    )
+    lazy = LazyStateDict(path, device="cpu")
+    assert list(lazy) == ["a", "b"] and lazy.metadata()["kind"] == "x"
+    assert torch.equal(lazy["a"], torch.arange(4.0)) and lazy["a"].device.type == "cpu"
+    # no handle is held between reads: the file can be replaced and the next read sees the new content
+    save_detector(
+        path,
+        {"a": torch.zeros(4), "b": torch.ones(2, 2)},
+        {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)},
+        {"kind": "x"},
+    )
+    assert torch.equal(lazy["a"], torch.zeros(4))
+    assert Checkpoint(path, device="cpu").backbone.device == "cpu"
