@@ -206,9 +206,12 @@ def read_task_vectors(
         check_tensor(name, key, reference, tensor)
     if not reference.is_floating_point():
         return reference, None
-    base = reference.to(torch.float64)
     # float64 differences of float32 weights are exact, so θ₀ + τ reproduces θᵢ bit for bit after the final cast.
-    return reference, torch.stack([t.to(device=base.device, dtype=torch.float64) - base for t in tensors])
+    # Filled in place: one float64 buffer instead of N converted copies, N differences and their stack.
+    taus = torch.empty((len(tensors), *reference.shape), dtype=torch.float64, device=reference.device)
+    for row, tensor in zip(taus, tensors, strict=True):
+        row.copy_(tensor)
+    return reference, taus.sub_(reference)
 
 
 def iter_task_vectors(
