@@ -121,3 +121,178 @@ def test_synthetic_source_splits_follow_the_generator(tmp_path):
     assert splits(["djpeg"], "B") == ()
     with pytest.raises(ValueError, match="has no 'train' split"):
         SyntheticSource("x", ["grid"], "A", {}, str(tmp_path)).frames("train")
+
+
+# --- the real-data path: an FF++-shaped and a DF40-shaped tree of tiny PNG crops -----------------------------------
+
+
+def astronaut_crop(label: str, video: int, frame: int, size: int = 32) -> np.ndarray:
+    """A (size, size, 3) uint8 BGR face crop of scikit-image's astronaut, moved per frame; fakes are blurred."""
+    from skimage import data
+
+    image = cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)[30:230, 150:350]  # (200, 200, 3) around the face
+    x = 10 * video + 3 * frame
+    crop = cv2.resize(image[x : x + 160, x : x + 160], (size, size), interpolation=cv2.INTER_AREA)
+    return cv2.GaussianBlur(crop, (5, 5), 0) if "real" not in label.lower() else crop
+
+
+def write_tree(root, dataset, labels, splits=("train", "val", "test"), levels=("c23",), videos=2, frames=4,
+               windows=False, prefix=None):  # fmt: skip
+    """Write PNGs and ``dataset_json/<dataset>.json`` (by the raw schema, as a released file would be)."""
+    index = {dataset: {}}
+    for label in labels:
+        for split in splits:
+            by_level = {}
+            for level in levels or (None,):
+                vids = {}
+                for v in range(videos):
+                    name = f"{split}{v:03d}"
+                    parts = [prefix or dataset, label, *([level] if level else []), "frames", name]
+                    rels = []
+                    for j in range(frames):
+                        rel = [*parts, f"{j:03d}.png"]
+                        path = root.joinpath(*rel)
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        cv2.imwrite(str(path), astronaut_crop(label, v, j))
+                        rels.append(("\\" if windows else "/").join(rel))
+                    vids[name] = {"label": label, "frames": rels}
+                by_level[level] = vids
+            index[dataset].setdefault(label, {})[split] = by_level if levels else by_level[None]
+    (root / "dataset_json").mkdir(exist_ok=True)
+    (root / "dataset_json" / f"{dataset}.json").write_text(json.dumps(index))
+    return root / "dataset_json" / f"{dataset}.json"
+
+
+def source(root, dataset="FF-DF", real=("FF-real",), fake=("FF-DF",), **kw):
+    return DeepfakeBenchSource(
+        "x", dataset, str(root / "dataset_json" / f"{dataset}.json"), str(root), list(real), list(fake), **kw
+    )
+
+
+def test_ffpp_reader_compression_levels_and_windows_paths(tmp_path):
+    write_tree(tmp_path, "FF-DF", ["FF-real", "FF-DF"], levels=("c23", "c40"), windows=True)
+    c40 = source(tmp_path, compression="c40").frames("test")
+    assert len(c40) == 2 * 2 * 4 and all("/c40/" in p for p in c40.paths)
+    assert c40.image(0).shape == (32, 32, 3)
+    with pytest.raises(ValueError, match=r"compression levels \['c23', 'c40'\]; data.compression='raw'"):
+        source(tmp_path, compression="raw").frames("test")
+    with pytest.raises(ValueError, match="data.compression=None"):
+        source(tmp_path, compression=None).frames("test")
+
+
+def test_df40_reader_without_levels(tmp_path):
+    write_tree(tmp_path, "FSAll_ff", ["FSAll_Real", "FSAll_Fake"], splits=("test",), levels=(), prefix="DF40")
+    src = source(tmp_path, "FSAll_ff", ["FSAll_Real"], ["FSAll_Fake"], method="FSAll", domain="ff")
+    test = src.frames("test")
+    assert len(test) == 16 and test.n_fake == 8
+    assert set(test.video_ids) == {
+        f"FSAll_ff/{lab}/test{v:03d}" for lab in ("FSAll_Real", "FSAll_Fake") for v in (0, 1)
+    }
+    with pytest.raises(ValueError, match="no frames in split 'train'"):
+        src.frames("train")
+    with pytest.raises(ValueError, match="unknown DF40 method 'simswp'"):
+        source(tmp_path, "FSAll_ff", method="simswp")
+
+
+def test_sampling_evenly_spaced_vs_first_n(tmp_path):
+    write_tree(tmp_path, "FF-DF", ["FF-real", "FF-DF"], frames=7)
+
+    def frame_numbers(**kw):
+        fs = source(tmp_path, **kw).frames("train")
+        return [int(p[-7:-4]) for p in fs.paths if p.split("/")[-2] == "train000" and "FF-real" in p]
+
+    assert frame_numbers(frames_per_video=3) == [0, 3, 6]
+    assert frame_numbers(frames_per_video=3, dfb_compat=True) == [0, 1, 2]
+    assert frame_numbers(frames_per_video=None) == list(range(7))
+    # val/test: every frame unless test_frames_per_video says otherwise
+    assert len(source(tmp_path, frames_per_video=3).frames("test")) == 4 * 7
+    assert len(source(tmp_path, frames_per_video=3, test_frames_per_video=2).frames("val")) == 4 * 2
+    with pytest.raises(ValueError, match="frames_per_video=0"):
+        source(tmp_path, frames_per_video=0)
+
+
+def test_missing_frames_skip_reports_and_error_refuses(tmp_path):
+    write_tree(tmp_path, "FF-DF", ["FF-real", "FF-DF"])
+    frames_dir = tmp_path / "FF-DF" / "FF-DF" / "c23" / "frames"
+    (frames_dir / "test000" / "001.png").unlink()
+    for f in (frames_dir / "test001").iterdir():  # a whole video gone
+        f.unlink()
+    src = source(tmp_path)
+    test = src.frames("test")
+    report = src.reports["test"]
+    assert len(test) == 2 * 4 + 3 and report["missing_frames"] == 5 and report["frames_kept"] == 11
+    assert report["missing_per_video"] == {"FF-DF/FF-DF/test000": 1, "FF-DF/FF-DF/test001": 4}
+    assert report["dropped_videos"] == ["FF-DF/FF-DF/test001"]
+    assert report["first_missing"][0].endswith("test000/001.png")
+    assert src.frames("train") and src.reports["train"]["missing_frames"] == 0
+    with pytest.raises(FileNotFoundError, match=r"5 of 16 frames missing in 2 of 4 videos.*test000/001.png"):
+        source(tmp_path, missing_frames="error").frames("test")
+    with pytest.raises(ValueError, match="missing_frames='drop'"):
+        source(tmp_path, missing_frames="drop")
+
+
+def test_unreadable_frames_error_substitute_and_verify(tmp_path):
+    write_tree(tmp_path, "FF-DF", ["FF-real", "FF-DF"])
+    bad = tmp_path / "FF-DF" / "FF-real" / "c23" / "frames" / "test000" / "002.png"
+    bad.write_bytes(b"not a png")
+    strict = source(tmp_path).frames("test")
+    i = strict.paths.index(str(bad))
+    with pytest.raises(OSError, match=f"Cannot read frame {bad}"):
+        strict.image(i)
+    lenient = source(tmp_path, unreadable_frames="substitute").frames("test")
+    # the nearest readable frame of the same video: frame 001 (distance 1, tried before 003)
+    assert np.array_equal(lenient.image(i), lenient.image(i - 1)) and lenient.unreadable_paths == {str(bad)}
+    # verify_frames decodes at start-up, so the corrupt file is handled by missing_frames before any training
+    src = source(tmp_path, verify_frames=True)
+    assert str(bad) not in src.frames("test").paths and src.reports["test"]["missing_frames"] == 1
+
+
+def test_masks_only_when_asked(tmp_path):
+    write_tree(tmp_path, "FF-DF", ["FF-real", "FF-DF"])
+    path = tmp_path / "dataset_json" / "FF-DF.json"
+    index = json.loads(path.read_text())
+    for label in ("FF-real", "FF-DF"):
+        for rec in index["FF-DF"][label]["test"]["c23"].values():
+            rec["masks"] = [f.replace("/frames/", "/masks/") for f in rec["frames"]] if label == "FF-DF" else None
+    path.write_text(json.dumps(index))
+    assert source(tmp_path).frames("test").mask_paths is None
+    with pytest.raises(ValueError, match="FF-DF/FF-real/test000 has 0 masks for 4 frames"):
+        source(tmp_path, with_masks=True).frames("test")
+    fakes = source(tmp_path, real=(), fake=("FF-DF",), exclude_labels=["FF-real"], with_masks=True).frames("test")
+    assert fakes.n_real == 0 and all("/masks/" in m for m in fakes.mask_paths)
+    assert fakes.subset(np.array([1, 0])).mask_paths == fakes.mask_paths[1::-1]
+
+
+def test_video_ids_unique_across_datasets_and_shared_reals_read_once(tmp_path):
+    from r2m_lab.data.sources import ConcatSource
+
+    # Two DF40-style families whose index lists the same real frames (same paths) and reuse video names.
+    write_tree(tmp_path, "FSAll_ff", ["FSAll_Real", "FSAll_Fake"], levels=(), prefix="DF40")
+    write_tree(tmp_path, "FRAll_ff", ["FRAll_Real", "FRAll_Fake"], levels=(), prefix="DF40")
+    for name in ("FSAll_ff", "FRAll_ff"):  # point both real labels at one folder of real frames
+        p = tmp_path / "dataset_json" / f"{name}.json"
+        p.write_text(p.read_text().replace(f"DF40/{name[:2]}All_Real/", "DF40/shared_real/"))
+    for split in ("train", "val", "test"):
+        for v in range(2):
+            d = tmp_path / "DF40" / "shared_real" / "frames" / f"{split}{v:03d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for j in range(4):
+                cv2.imwrite(str(d / f"{j:03d}.png"), astronaut_crop("real", v, j))
+    fs = source(tmp_path, "FSAll_ff", ["FSAll_Real"], ["FSAll_Fake"])
+    fr = source(tmp_path, "FRAll_ff", ["FRAll_Real"], ["FRAll_Fake"])
+    a, b = fs.frames("test"), fr.frames("test")
+    assert not set(a.video_ids) & set(b.video_ids), "same video name in two datasets must give two video ids"
+    joint = ConcatSource("joint", {"fs": fs, "fr": fr}).frames("test")
+    assert len(joint) == len(a) + len(b) - a.n_real and joint.n_real == a.n_real  # shared reals once
+    with pytest.raises(ValueError, match="must be the parts"):
+        ConcatSource("joint", {"fs": fs}, families=["fs", "fr"])
+
+
+def test_balanced_sampler_on_real_data_frames(tmp_path):
+    write_tree(tmp_path, "FF-DF", ["FF-real", "FF-DF"])
+    # 1 real video against 2 fake ones: the sampler still draws half real, half fake
+    train = source(tmp_path, exclude_labels=[]).frames("train")
+    keep = np.array([i for i, v in enumerate(train.video_ids) if v != "FF-DF/FF-real/train001"])
+    train = train.subset(keep)
+    draws = np.array(list(balanced_sampler(train.labels, 4000, seed=0)))
+    assert train.labels.mean() == pytest.approx(2 / 3) and abs(train.labels[draws].mean() - 0.5) < 0.05
