@@ -233,3 +233,12 @@ def test_lazy_state_dict_reads_per_key_and_lands_on_the_device(tmp_path):
     )
     assert torch.equal(lazy["a"], torch.zeros(4))
     assert Checkpoint(path, device="cpu").backbone.device == "cpu"
+
+
+def test_merge_then_evaluate_in_one_job(root):
+    out = root / "run"
+    report = run_stage(compose_config(root, ["stage=merge", "merger=average", "stage.evaluate=true"]))
+    assert list(report["models"]) == ["average"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["merge"]["merger"] == "average" and "in_distribution" in metrics["protocols"]
+    assert (out / "results.md").is_file()

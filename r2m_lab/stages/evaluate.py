@@ -47,7 +47,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.stage.model`` (merged | joint | ensemble | specialist:<data> | a checkpoint path) on every
     protocol. ``merged`` follows ``merger``: ``merger=joint`` is the joint model, ``merger=ensemble`` the output
     ensemble of the benchmark's specialists (each scored, then combined per frame)."""
-    spec = str(cfg.stage.model)
+    return evaluate_model(cfg, str(cfg.stage.model))
+
+
+def evaluate_model(
+    cfg: DictConfig, spec: str, label: str | None = None, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Evaluate one model spec (see :func:`evaluate`) and write the report; ``extra`` goes into metrics.json."""
     if spec == "merged" and is_reference(cfg.merger):
         spec = merger_name(cfg.merger)
     if spec == "ensemble":
@@ -57,11 +63,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             reduction = str(cfg.merger.reduction)
         members = {f"specialist:{n}": resolve_model(cfg, f"specialist:{n}")[1] for n in specialist_names(cfg)}
         report = evaluate_models(cfg, members, ensemble=list(members), reduction=reduction)
-        write_report(cfg, report, title=f"ensemble of {len(members)} specialists on {cfg.benchmark.name}")
+        title = f"ensemble of {len(members)} specialists on {cfg.benchmark.name}"
+        write_report(cfg, report, title=title, extra=extra)
         return report
-    label, path = resolve_model(cfg, spec)
+    default_label, path = resolve_model(cfg, spec)
+    label = label or default_label
     report = evaluate_models(cfg, {label: path})
-    write_report(cfg, report, title=f"{label} on {cfg.benchmark.name}")
+    write_report(cfg, report, title=f"{label} on {cfg.benchmark.name}", extra=extra)
     return report
 
 

@@ -62,6 +62,14 @@ def merge(cfg: DictConfig) -> dict[str, Any]:
         card = select_and_merge(cfg, cfg.merger, select, split=str(cfg.stage.get("select_split", SELECTION_SPLIT)))
     else:
         card = merge_specialists(cfg, cfg.merger)
+    if cfg.stage.get("evaluate"):
+        # metrics.json then holds the evaluation on every protocol with the merge card beside it, so a sweep's run
+        # folders feed the table builder directly.
+        from r2m_lab.stages.evaluate import evaluate_model
+
+        name = merger_name(cfg.merger)
+        spec = name if is_reference(cfg.merger) else card["checkpoint_path"]
+        return evaluate_model(cfg, spec, label=None if is_reference(cfg.merger) else name, extra={"merge": card})
     write_json_atomic(output_dir(cfg) / "metrics.json", card)
     return card
 
