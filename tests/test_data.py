@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import cv2
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from r2m_lab.data.loaders import balanced_sampler
 from r2m_lab.data.sources import DeepfakeBenchSource, FrameSet, frame_keys
+from tests.conftest import CONF, compose_config
 
 
 def test_frame_keys_number_frames_within_videos():
@@ -296,3 +298,111 @@ def test_balanced_sampler_on_real_data_frames(tmp_path):
     train = train.subset(keep)
     draws = np.array(list(balanced_sampler(train.labels, 4000, seed=0)))
     assert train.labels.mean() == pytest.approx(2 / 3) and abs(train.labels[draws].mean() - 0.5) < 0.05
+
+
+# --- configs: every real-data option instantiates and names what it needs; benchmarks; augmentation knobs ----------
+
+REAL_DATA = sorted(p.stem for p in CONF.glob("data/*.yaml") if not p.stem.startswith("synthetic"))
+
+
+@pytest.mark.parametrize("option", REAL_DATA)
+def test_every_real_data_config_names_its_missing_index(tmp_path, option):
+    from hydra.utils import instantiate
+
+    (tmp_path / "data").mkdir()
+    cfg = compose_config(tmp_path, [f"data={option}", f"paths.data_dir={tmp_path}/data"])
+    src = instantiate(cfg.data)
+    first = next(iter(src.parts.values())) if hasattr(src, "parts") else src
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path}/data/dataset_json/{first.dataset}.json")):
+        src.frames("test")
+    cfg.paths.data_dir = "/no/such/root"  # every path of the data config follows paths.data_dir
+    with pytest.raises(FileNotFoundError, match=r"Data root .* /no/such/root\nGet the data: .*https://"):
+        instantiate(cfg.data).frames("test")
+
+
+def test_benchmarks_list_their_protocols(tmp_path):
+    ffpp = compose_config(tmp_path, ["benchmark=ffpp"]).benchmark
+    assert list(ffpp.protocols) == ["in_distribution", "cross_dataset"]
+    assert [d.dataset for d in ffpp.specialists.values()] == ["FF-DF", "FF-F2F", "FF-FS", "FF-NT"]
+    assert [d.dataset for d in ffpp.protocols.cross_dataset.values()] == [
+        "Celeb-DF-v2",
+        "DeepFakeDetection",
+        "DFDC",
+        "DFDCP",
+    ]
+    assert ffpp.joint.name == "faceforensics_all" and list(ffpp.joint.families) == ["FF-DF", "FF-F2F", "FF-FS", "FF-NT"]
+    df40 = compose_config(tmp_path, ["benchmark=df40"]).benchmark
+    assert list(df40.protocols) == ["in_distribution", "cross_dataset", "unseen"]
+    assert [d.dataset for d in df40.specialists.values()] == ["FSAll_ff", "FRAll_ff", "EFSAll_ff"]
+    assert [d.dataset for d in df40.protocols.cross_dataset.values()] == ["FSAll_cdf", "FRAll_cdf", "EFSAll_cdf"]
+    assert len(df40.protocols.unseen) == 9 and df40.protocols.unseen.heygen.real_labels == ["heygen_Real"]
+    assert [d.dataset for d in df40.joint.parts.values()] == ["FSAll_ff", "FRAll_ff", "EFSAll_ff"]
+    for bench in (ffpp, df40):  # selection only ever looks at the specialists' own val splits
+        assert [d.name for d in bench.validation.values()] == [d.name for d in bench.specialists.values()]
+
+
+def test_df40_method_config_follows_its_overrides(tmp_path):
+    cfg = compose_config(tmp_path, ["data=df40_method", "data.method=facedancer", "data.domain=cdf"])
+    assert (cfg.data.dataset, list(cfg.data.real_labels), list(cfg.data.fake_labels)) == (
+        "facedancer_cdf",
+        ["facedancer_Real"],
+        ["facedancer_Fake"],
+    )
+    assert cfg.data.index.endswith("dataset_json/facedancer_cdf.json")
+
+
+def test_augmentation_knobs_change_the_pipeline(tmp_path):
+    import albumentations as A
+
+    from r2m_lab.data.loaders import build_augment
+
+    def transforms(*overrides):
+        cfg = compose_config(tmp_path, ["backbone=clip_vit_b16", *overrides], smoke=False)
+        return {type(t).__name__: t for t in build_augment(cfg.backbone.recipe.augment)}
+
+    paper = transforms()
+    assert list(paper) == ["HorizontalFlip", "Rotate", "GaussianBlur", "RandomBrightnessContrast", "ImageCompression"]
+    assert all(t.p == 0.5 for t in paper.values()) and paper["ImageCompression"].quality_range == (40, 100)
+    changed = transforms(
+        "backbone.recipe.augment.flip.p=0",
+        "backbone.recipe.augment.jpeg.quality_range=[70,90]",
+        "backbone.recipe.augment.blur=null",
+        "backbone.recipe.augment.rotate.limit=20",
+    )
+    assert "GaussianBlur" not in changed and changed["HorizontalFlip"].p == 0
+    assert changed["ImageCompression"].quality_range == (70, 90) and changed["Rotate"].limit == (-20, 20)
+    image = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    assert np.array_equal(A.Compose([changed["HorizontalFlip"]])(image=image)["image"], image)  # p=0: never flips
+    with pytest.raises(TypeError, match="must be a mapping"):
+        build_augment([{"_target_": "albumentations.HorizontalFlip"}])
+
+
+def test_real_data_finetune_then_evaluate(tmp_path):
+    """A tiny FF++-shaped tree: stage=finetune on FF-DF, then stage=evaluate on FF-DF test and Celeb-DF v2."""
+    from r2m_lab.stages import run_stage
+    from r2m_lab.stages.common import specialist_path
+
+    data = tmp_path / "data"
+    write_tree(data, "FF-DF", ["FF-real", "FF-DF"], videos=3, frames=4, windows=True)
+    write_tree(data, "Celeb-DF-v2", ["CelebDFv2_real", "CelebDFv2_fake"], splits=("test",), levels=())
+    bench = [
+        "benchmark=ffpp",
+        *(f"~benchmark.protocols.in_distribution.{k}" for k in ("f2f", "fs", "nt")),
+        *(f"~benchmark.protocols.cross_dataset.{k}" for k in ("dfd", "dfdc", "dfdcp")),
+        f"paths.data_dir={data}",
+    ]
+    cfg = compose_config(tmp_path, ["stage=finetune", "data=faceforensics_df", "data.frames_per_video=2", *bench])
+    card = run_stage(cfg)
+    assert card["train_frames"] == 2 * 3 * 2 and specialist_path(cfg, "faceforensics_df").is_file()
+    cfg = compose_config(
+        tmp_path,
+        ["stage=evaluate", "stage.model=specialist:faceforensics_df", f"paths.output_dir={tmp_path}/eval", *bench],
+    )
+    report = run_stage(cfg)
+    (label,) = report["models"]
+    tests = report["models"][label]["test"]
+    assert set(tests) == {"in_distribution/df", "cross_dataset/celebdf_v2"}
+    for name, metrics in tests.items():
+        assert 0.0 <= metrics["frame"]["auc"] <= 1.0, name
+        assert 0.0 <= metrics["video"]["auc"] <= 1.0, name
+    assert (tmp_path / "eval" / "metrics.json").is_file()
