@@ -316,7 +316,10 @@ def test_every_real_data_config_names_its_missing_index(tmp_path, option):
     with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path}/data/dataset_json/{first.dataset}.json")):
         src.frames("test")
     cfg.paths.data_dir = "/no/such/root"  # every path of the data config follows paths.data_dir
-    with pytest.raises(FileNotFoundError, match=r"Data root .* /no/such/root\nGet the data: .*https://"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"Data root .* /no/such/root\n\(its index would be /no/such/root/dataset_json/.*\nGet the data: .*https://",
+    ):
         instantiate(cfg.data).frames("test")
 
 

@@ -318,6 +318,7 @@ class DeepfakeBenchSource:
         if not self.root.is_dir():
             raise FileNotFoundError(
                 f"Data root for data={self.name} not found: {self.root.absolute()}\n"
+                f"(its index would be {self.index.absolute()}, frame paths relative to the root)\n"
                 f"Get the data: {self.how_to_get}\n"
                 "Then point paths.data_dir at the folder that holds dataset_json/ (or set data.root and data.index)."
             )
