@@ -23,8 +23,8 @@ def test_every_option_composes_and_resolves(tmp_path, group, option):
         assert container[group]
     if group == "merger":
         assert container["merger"]["_target_"] == f"r2m_lab.mergers.{option}.merge"
-    if group == "data":
-        assert container["data"]["name"] == option
+    if group == "data":  # df40_method is the per-method template: its name follows data.method and data.domain
+        assert container["data"]["name"] == ("df40_simswap_ff" if option == "df40_method" else option)
 
 
 def test_defaults_are_the_synthetic_pipeline(tmp_path):

@@ -352,6 +352,7 @@ def test_df40_method_config_follows_its_overrides(tmp_path):
         ["facedancer_Fake"],
     )
     assert cfg.data.index.endswith("dataset_json/facedancer_cdf.json")
+    assert cfg.data.name == "df40_facedancer_cdf", "per-method specialists get their own checkpoint path"
 
 
 def test_augmentation_knobs_change_the_pipeline(tmp_path):
