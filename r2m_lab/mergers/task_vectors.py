@@ -16,6 +16,7 @@ Conventions shared by all mergers (see `shared/design/merging.md`):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import time
@@ -340,6 +341,101 @@ def low_rank_factors(matrices: Tensor, q: int, method: str = "exact") -> tuple[T
         vh.append(v[:, :q].T)
     batch = matrices.shape[:-2]
     return torch.stack(us).reshape(*batch, rows, q), torch.stack(vh).reshape(*batch, q, cols)
+
+
+# ------------------------------------------------------------------------------------- baseline mergers' helpers
+# Shared by ties, dare, cart, tsv and iso_c: knob checks, a seed that does not depend on key order, phase timings,
+# a streaming pass that hands each key's name to its combiner, and the diagnostics every merger reports.
+
+
+def is_finite_number(value: Any) -> bool:
+    """True for an int or float (not a bool) that is finite: what every scalar knob (λ, density, ...) must be."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    """Raise ValueError naming the knob and its allowed values if ``value`` is not one of them."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def stable_seed(*parts: Any) -> int:
+    """A 63-bit seed from the parts' text (SHA-256): the same on every run and machine, unlike Python's hash()."""
+    text = "\x1f".join(str(part) for part in parts)
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") & (2**63 - 1)
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase of a merge: ``tick("pass1")`` closes the phase that just ran; ``timings`` adds
+    the total since construction."""
+
+    def __init__(self) -> None:
+        self._start = self._lap = time.perf_counter()
+        self._timings: dict[str, float] = {}
+
+    def tick(self, phase: str) -> None:
+        now = time.perf_counter()
+        self._timings[phase] = self._timings.get(phase, 0.0) + now - self._lap
+        self._lap = now
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return {**self._timings, "total": time.perf_counter() - self._start}
+
+
+@dataclass
+class StreamedMerge:
+    """What `merge_keys` returns: θ*'s backbone and the task-vector Gram it accumulated on the way."""
+
+    backbone: dict[str, Tensor]
+    task_gram: Tensor  # (N, N) float64, Σ_keys τᵢ·τⱼ over every floating key
+    n_zero_keys: int  # floating keys whose τ is zero in every specialist (copied from θ₀)
+
+
+def merge_keys(
+    theta0: StateDict,
+    specialists: Mapping[str, StateDict],
+    names: Sequence[str],
+    combine: Callable[[str, Tensor], Tensor],
+) -> StreamedMerge:
+    """One streaming pass θ*[key] = θ₀[key] + combine(key, τ stack (N, *shape) float64), keys in θ₀'s order.
+
+    Like `merge_key_by_key`, but the combiner also gets the key (per-matrix methods split a fused qkv, DARE seeds its
+    mask by key). Keys whose τ is zero in every specialist and non-floating keys are copied from θ₀ bit for bit.
+    """
+    task_gram = torch.zeros(len(names), len(names), dtype=torch.float64)
+    backbone, zero_keys = {}, 0
+    for key, reference, taus in iter_task_vectors(theta0, specialists, names):
+        if taus is None or not taus.any():
+            backbone[key] = reference.clone()
+            zero_keys += taus is not None
+            continue
+        task_gram += gram(taus)
+        backbone[key] = apply_delta(reference, combine(key, taus))
+    return StreamedMerge(backbone, task_gram, zero_keys)
+
+
+def merge_diagnostics(
+    merger: str,
+    names: Sequence[str],
+    hyperparameters: Mapping[str, Any],
+    task_gram: Tensor,
+    n_keys: int,
+    n_zero_keys: int,
+    timings: Mapping[str, float],
+) -> dict[str, Any]:
+    """The diagnostics every baseline merger reports (JSON-serialisable); method-specific facts are added to it."""
+    norms = task_gram.diagonal().clamp_min(0).sqrt()
+    return {
+        "merger": merger,
+        "families": list(names),
+        "hyperparameters": dict(hyperparameters),
+        "n_keys": n_keys,
+        "n_zero_keys": n_zero_keys,
+        "task_vector_norms": dict(zip(names, norms.tolist(), strict=True)),
+        "task_vector_cosines": cosines_from_gram(task_gram),
+        "timings_s": dict(timings),
+    }
 
 
 def merge_key_by_key(

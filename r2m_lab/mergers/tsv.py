@@ -1,0 +1,104 @@
+"""TSV-M: Task Singular Vectors merging.
+
+Gargiulo, Crisostomi, Bucarelli, Scardapane, Silvestri, Rodolà, "Task Singular Vectors: Reducing Task Interference in
+Model Merging", CVPR 2025 (arXiv 2412.00081). Per matrix key (a fused qkv as three d×d blocks), with N tasks:
+
+    τᵢ ≈ Uᵢ diag(σᵢ) Vᵢᵀ            rank q = max(1, ⌊min(m, n)/N⌋) truncation of each task vector
+    U = [U₁ … U_N] (m × Nq),  V = [V₁ … V_N] (n × Nq),  σ = [σ₁ … σ_N]
+    U⊥ = P Qᵀ from U = P S Qᵀ        the polar factor: the orthogonal matrix nearest U (same for V⊥)
+    merged = U⊥ diag(σ) V⊥ᵀ
+
+Other keys (biases, norms, embeddings): merged = τ̄. θ* = θ₀ + λ·merged, λ = 1.0; heads averaged.
+
+Orthogonalising the concatenated singular vectors removes the overlap between tasks' subspaces (their interference)
+while keeping every task's singular values. Flipping the sign of a pair (uⱼ, vⱼ) flips the same columns of U⊥ and
+V⊥, so the result does not depend on the SVD's sign choices. If N > min(m, n), Nq exceeds the dimension and U⊥ has
+orthonormal rows instead of columns (the polar factor is still the nearest partial isometry).
+
+The SVDs run in float32 (weights are float32 or narrower; N + 2 decompositions per matrix); the rest is float64.
+One streaming pass; one key of all N specialists in memory at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from r2m_lab.mergers.task_vectors import (
+    MergeResult,
+    PhaseTimer,
+    average_heads,
+    check_heads,
+    check_keys,
+    family_names,
+    is_finite_number,
+    is_matrix_key,
+    matrix_blocks,
+    merge_diagnostics,
+    merge_keys,
+)
+
+StateDict = Mapping[str, Tensor]
+
+
+def validate(*, lam: Any = 1.0) -> None:
+    """Refuse a λ that is not a finite number (the merge stage calls this at config time, and merge does)."""
+    if not is_finite_number(lam):
+        raise ValueError(f"lam must be a finite number, got {lam!r}")
+
+
+def polar_factor(matrices: Tensor) -> Tensor:
+    """The orthogonal polar factor P Qᵀ of each matrix A = P S Qᵀ (thin SVD): (..., m, k) -> (..., m, k)."""
+    p, _, qh = torch.linalg.svd(matrices, full_matrices=False)
+    return p @ qh
+
+
+def task_singular_vectors_merge(key: str, taus: Tensor) -> tuple[Tensor, int]:
+    """TSV-M on one matrix key: (N, m, n) float64 -> ((m, n) float64 merged, q kept per task and block)."""
+    blocks = matrix_blocks(key, taus).to(torch.float32)  # (N, B, m/B, n)
+    n_tasks, n_blocks, rows, cols = blocks.shape
+    q = max(1, min(rows, cols) // n_tasks)
+    u, s, vh = torch.linalg.svd(blocks, full_matrices=False)  # (N, B, m, r), (N, B, r), (N, B, r, n)
+    u, s, vh = u[..., :q], s[..., :q], vh[..., :q, :]
+    # task-major concatenation along the rank axis: (B, m, N·q), (B, N·q), (B, N·q, n)
+    u_all = u.permute(1, 2, 0, 3).reshape(n_blocks, rows, n_tasks * q)
+    s_all = s.permute(1, 0, 2).reshape(n_blocks, n_tasks * q)
+    vh_all = vh.permute(1, 0, 2, 3).reshape(n_blocks, n_tasks * q, cols)
+    u_perp = polar_factor(u_all.to(torch.float64))
+    vh_perp = polar_factor(vh_all.to(torch.float64).mT).mT  # V⊥ᵀ: orthogonalise V (n × Nq), then transpose
+    merged = (u_perp * s_all.to(torch.float64)[:, None, :]) @ vh_perp  # (B, m/B, n)
+    return merged.reshape(taus.shape[1:]), q
+
+
+def merge(
+    theta0: StateDict,
+    specialists: Mapping[str, StateDict],
+    heads: Mapping[str, Mapping[str, Tensor]],
+    *,
+    lam: float = 1.0,
+) -> MergeResult:
+    """TSV-M (module docstring): θ₀ + λ·(U⊥ diag(σ) V⊥ᵀ on matrix keys, τ̄ elsewhere); heads averaged."""
+    validate(lam=lam)
+    names = family_names(specialists)
+    check_keys(theta0, specialists)
+    check_heads(heads, names)
+    timer = PhaseTimer()
+    ranks: dict[str, int] = {}
+    lam = float(lam)
+
+    def combine(key: str, taus: Tensor) -> Tensor:
+        if not (is_matrix_key(key) and taus.ndim == 3):
+            return lam * taus.mean(0)
+        merged, ranks[key] = task_singular_vectors_merge(key, taus)
+        return lam * merged
+
+    streamed = merge_keys(theta0, specialists, names, combine)
+    timer.tick("merge")
+    diagnostics = merge_diagnostics(
+        "tsv", names, {"lam": lam}, streamed.task_gram, len(streamed.backbone), streamed.n_zero_keys, timer.timings
+    )
+    diagnostics["kept_rank"] = ranks  # q per task and matrix (per d×d block for a fused qkv)
+    return MergeResult(backbone=streamed.backbone, head=average_heads(heads), diagnostics=diagnostics)
