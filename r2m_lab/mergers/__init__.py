@@ -15,8 +15,8 @@ and averages the heads. The formulas and decided defaults are in `shared/design/
 - `iso_c`            θ₀ + λ·σ̄ U Vᵀ(Σᵢ τᵢ)/N                    Iso-C, isotropic spectrum of the summed task matrix
 
 `task_vectors` holds what they share: `MergeResult`, streaming and checks, key classes (matrix keys, norms and
-biases, fused qkv), head averaging, low-rank SVD, task-vector diagnostics (norms, cosines), knob checks, stable seeds and the
-per-key streaming pass with the key's name (`merge_keys`).
+biases, fused qkv), head averaging, low-rank SVD, task-vector diagnostics (norms, cosines), knob checks, stable
+seeds and the per-key streaming pass that hands the combiner the key's name (`merge_keys`).
 """
 
 from r2m_lab.mergers.task_vectors import MergeResult

@@ -1,0 +1,655 @@
+"""TIES, DARE, CART, TSV-M and Iso-C against answers computed by another route, and the merger invariants."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+from torch.testing import assert_close
+
+from r2m_lab.mergers import cart, dare, iso_c, task_arithmetic, ties, tsv
+from r2m_lab.mergers.task_vectors import split_qkv, stable_seed
+from r2m_lab.weights import LazyStateDict as FileStateDict
+from r2m_lab.weights import save_detector
+from tests.test_mergers import (
+    LazyStateDict,
+    assert_same_backbone,
+    broken_cases,
+    delta_of,
+    heads_for,
+    perturbed,
+    tiny_vit,
+    toy_theta0,
+    with_deltas,
+)
+
+torch.set_num_threads(1)
+
+F64 = torch.float64
+MERGERS = {"ties": ties, "dare": dare, "cart": cart, "tsv": tsv, "iso_c": iso_c}
+MATRIX_KEYS = [
+    "blocks.0.attn.qkv.weight",
+    "blocks.0.attn.proj.weight",
+    "blocks.0.mlp.fc1.weight",
+    "blocks.0.mlp.fc2.weight",
+]
+
+
+def three(theta0: Mapping[str, Tensor], scale: float = 0.05) -> dict[str, dict[str, Tensor]]:
+    return {f: perturbed(theta0, s, scale) for f, s in [("a", 1), ("b", 2), ("c", 3)]}
+
+
+def split_state(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The same weights with every fused qkv stored as split q, k, v keys."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith("attn.qkv.weight"):
+            stem = key[: -len("qkv.weight")]
+            q, k, v = split_qkv(value)
+            out.update({stem + "q.weight": q, stem + "k.weight": k, stem + "v.weight": v})
+        else:
+            out[key] = value
+    return out
+
+
+def np_tau(theta0: Mapping[str, Tensor], specialist: Mapping[str, Tensor], key: str) -> np.ndarray:
+    return specialist[key].double().numpy() - theta0[key].double().numpy()
+
+
+def np_truncate(matrix: np.ndarray, q: int) -> np.ndarray:
+    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    return (u[:, :q] * s[:q]) @ vt[:q]
+
+
+def np_blocks(key: str, matrix: np.ndarray) -> list[np.ndarray]:
+    return np.split(matrix, 3, axis=0) if key.endswith("qkv.weight") else [matrix]
+
+
+# ------------------------------------------------------------------------------------------------------ TIES
+
+
+def ties_by_loops(taus: list[np.ndarray], density: float, merge_fn: str = "disjoint_mean") -> np.ndarray:
+    """TIES on whole flattened task vectors (N lists of D numbers), entry by entry in plain Python."""
+    d = len(taus[0])
+    k = max(1, int(np.floor(density * d + 1e-9)))
+    trimmed = []
+    for tau in taus:
+        threshold = sorted((abs(x) for x in tau), reverse=True)[k - 1]
+        trimmed.append([x if abs(x) >= threshold else 0.0 for x in tau])
+    out = []
+    for p in range(d):
+        values = [t[p] for t in trimmed]
+        total = sum(values)
+        sign = (total > 0) - (total < 0)
+        agree = [v for v in values if sign != 0 and v != 0 and (v > 0) == (sign > 0)]
+        if not agree:
+            out.append(0.0)
+        else:
+            out.append(sum(agree) if merge_fn == "sum" else sum(agree) / len(agree))
+    return np.array(out)
+
+
+def small_ties_case() -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+    """Two keys (a 3×2 matrix and a 4-vector, D = 10), three tasks with distinct magnitudes (no ties)."""
+    theta0 = {"blocks.0.attn.proj.weight": torch.zeros(3, 2), "norm.bias": torch.ones(4)}
+    deltas = {
+        "a": [[0.9, -0.1], [0.3, -0.7], [0.05, 0.2]], "a_b": [0.6, -0.4, 0.15, -0.25],
+        "b": [[-0.8, 0.35], [0.45, 0.1], [-0.55, 0.02]], "b_b": [-0.3, 0.65, -0.12, 0.5],
+        "c": [[0.33, -0.6], [-0.2, 0.75], [0.4, -0.08]], "c_b": [0.22, 0.11, -0.95, 0.07],
+    }  # fmt: skip
+    specialists = {
+        f: with_deltas(
+            theta0, {"blocks.0.attn.proj.weight": torch.tensor(deltas[f]), "norm.bias": torch.tensor(deltas[f + "_b"])}
+        )
+        for f in "abc"
+    }
+    return theta0, specialists
+
+
+@pytest.mark.parametrize("merge_fn", ["disjoint_mean", "sum"])
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_ties_global_trim_by_hand(density, merge_fn):
+    theta0, specialists = small_ties_case()
+    keys = list(theta0)
+    taus = [np.concatenate([np_tau(theta0, specialists[f], k).ravel() for k in keys]).tolist() for f in "abc"]
+    expected = ties_by_loops(taus, density, merge_fn) * 0.7
+    result = ties.merge(theta0, specialists, heads_for("abc"), density=density, lam=0.7, merge_fn=merge_fn)
+    delta = delta_of(result, theta0)
+    actual = np.concatenate([delta[k].numpy().ravel() for k in keys])
+    np.testing.assert_allclose(actual, expected, atol=1e-7)  # float32 rounding of θ₀ + δ only
+
+
+def test_ties_per_tensor_trim_by_hand():
+    theta0, specialists = small_ties_case()
+    result = ties.merge(theta0, specialists, heads_for("abc"), density=0.5, trim_scope="per_tensor")
+    delta = delta_of(result, theta0)
+    for key in theta0:
+        taus = [np_tau(theta0, specialists[f], key).ravel().tolist() for f in "abc"]
+        np.testing.assert_allclose(delta[key].numpy().ravel(), ties_by_loops(taus, 0.5), atol=1e-7)
+    assert set(result.diagnostics["thresholds"]) == set(theta0)
+    # a global threshold differs here: the matrix holds most of the large magnitudes
+    global_delta = delta_of(ties.merge(theta0, specialists, heads_for("abc"), density=0.5), theta0)
+    assert not torch.allclose(global_delta["norm.bias"], delta["norm.bias"])
+
+
+def test_ties_elected_sign_and_disjoint_mean_on_one_entry():
+    # one entry, density 1: values +3, +1, −2 → elected +, disjoint mean (3 + 1)/2 = 2, disjoint sum 4;
+    # values +2, −2 (two tasks) cancel: no elected sign, the entry merges to 0
+    theta0 = {"norm.bias": torch.zeros(2)}
+    specialists = {
+        f: {"norm.bias": torch.tensor(v)} for f, v in zip("abc", [[3.0, 2.0], [1.0, -2.0], [-2.0, 0.0]], strict=True)
+    }
+    heads = heads_for("abc")
+    mean = ties.merge(theta0, specialists, heads, density=1.0).backbone["norm.bias"]
+    total = ties.merge(theta0, specialists, heads, density=1.0, merge_fn="sum").backbone["norm.bias"]
+    assert mean.tolist() == [2.0, 0.0] and total.tolist() == [4.0, 0.0]
+
+
+def concatenated_thresholds(theta0, specialists, density) -> list[float]:
+    out = []
+    for f in sorted(specialists):
+        tau = torch.cat([(specialists[f][k].double() - theta0[k].double()).reshape(-1) for k in theta0])
+        k = max(1, int(np.floor(density * tau.numel() + 1e-9)))
+        out.append(float(tau.abs().sort(descending=True).values[k - 1]))
+    return out
+
+
+@pytest.mark.parametrize("density", [1e-6, 0.003, 0.2, 0.5, 0.999, 1.0])
+def test_ties_streaming_threshold_equals_the_concatenated_one_with_many_ties(density):
+    g = torch.Generator().manual_seed(0)
+    theta0 = {
+        "blocks.0.mlp.fc1.weight": torch.randn(300, 200, generator=g),
+        "blocks.0.mlp.fc1.bias": torch.randn(300, generator=g),
+        "blocks.0.mlp.fc2.weight": torch.randn(200, 300, generator=g),  # unchanged by every specialist
+        "norm.weight": torch.ones(7),
+    }
+    specialists = {}
+    for f in "abc":
+        deltas = {
+            # quantised magnitudes: thousands of entries share each value, so the k-th one is tied many times
+            "blocks.0.mlp.fc1.weight": torch.randint(-6, 7, (300, 200), generator=g) * 0.125,
+            "blocks.0.mlp.fc1.bias": torch.randn(300, generator=g) * 1e-3,
+            "norm.weight": torch.randn(7, generator=g),
+        }
+        specialists[f] = with_deltas(theta0, deltas)
+    found = ties.global_thresholds(theta0, specialists, sorted(specialists), density)
+    assert found.entries == 300 * 200 * 2 + 300 + 7
+    assert found.thresholds.tolist() == concatenated_thresholds(theta0, specialists, density)
+    result = ties.merge(theta0, specialists, heads_for("abc"), density=density)
+    for f, fraction in result.diagnostics["kept_fraction"].items():
+        # ties at the threshold are all kept: at least k entries (unless fewer than k are non-zero)
+        tau = torch.cat([(specialists[f][k].double() - theta0[k].double()).reshape(-1) for k in theta0])
+        expected = int((tau.abs() >= result.diagnostics["thresholds"][f]).logical_and(tau != 0).sum())
+        assert fraction == pytest.approx(expected / found.entries)
+
+
+def test_ties_streaming_threshold_on_continuous_values_and_tiny_magnitudes():
+    # magnitudes spread over many octaves (1e-30 .. 1e3) and a task with fewer non-zeros than k
+    g = torch.Generator().manual_seed(1)
+    theta0 = {"a": torch.zeros(5000, dtype=torch.float64), "b": torch.zeros(40, 50, dtype=torch.float64)}
+    specialists = {
+        "x": {"a": torch.randn(5000, generator=g, dtype=F64) * 10 ** torch.empty(5000, dtype=F64).uniform_(-30, 3),
+              "b": torch.randn(40, 50, generator=g, dtype=F64)},
+        "y": {"a": torch.zeros(5000, dtype=F64), "b": torch.zeros(40, 50, dtype=F64)},
+        "z": {"a": torch.zeros(5000, dtype=F64), "b": torch.eye(40, 50, dtype=F64)},
+    }  # fmt: skip
+    for density in [0.01, 0.3, 0.9]:
+        found = ties.global_thresholds(theta0, specialists, ["x", "y", "z"], density)
+        assert found.thresholds.tolist() == concatenated_thresholds(theta0, specialists, density)
+        assert found.thresholds[1] == 0 and found.thresholds[2] == 0  # 40 non-zeros < k: every one is kept
+
+
+def test_ties_density_one_identical_specialists_give_that_specialist():
+    vit = tiny_vit()
+    specialist = perturbed(vit, 1)
+    specialists = {f: {k: v.clone() for k, v in specialist.items()} for f in ["fs", "fr", "efs"]}
+    heads = heads_for(specialists, 24)
+    for scope in ties.TRIM_SCOPES:
+        assert_same_backbone(ties.merge(vit, specialists, heads, density=1.0, trim_scope=scope).backbone, specialist)
+    # below density 1 trimming bites, and the sum adds N copies
+    assert not torch.equal(ties.merge(vit, specialists, heads).backbone["cls_token"], specialist["cls_token"])
+
+
+# ------------------------------------------------------------------------------------------------------ DARE
+
+
+def test_dare_keeps_entries_at_rate_one_minus_p_and_rescales_survivors():
+    theta0 = {"blocks.0.mlp.fc1.weight": torch.zeros(200, 100, dtype=F64)}
+    tau = torch.randn(200, 100, generator=torch.Generator().manual_seed(0), dtype=F64)
+    specialists = {"a": {"blocks.0.mlp.fc1.weight": tau}}
+    for p in [0.0, 0.3, 0.9]:
+        result = dare.merge(theta0, specialists, {"a": heads_for("a")["a"]}, p=p, lam=1.0)
+        out = result.backbone["blocks.0.mlp.fc1.weight"]
+        kept = out != 0
+        assert_close(out[kept], tau[kept] / (1 - p), rtol=1e-15, atol=0)  # survivors: τ/(1 − p)
+        fraction = float(kept.double().mean())
+        assert abs(fraction - (1 - p)) < 4 * np.sqrt(p * (1 - p) / tau.numel()) + 1e-12  # binomial, 4σ
+        assert result.diagnostics["kept_fraction_dare"]["a"] == pytest.approx(fraction)
+
+
+def test_dare_task_arithmetic_with_disjoint_masks_by_hand():
+    # out = λ Σᵢ mᵢ τᵢ/(1 − p); with the masks read off the output of each task alone, the sum must match entrywise
+    theta0 = toy_theta0()
+    specialists = three(theta0)
+    heads = heads_for(specialists)
+    both = delta_of(dare.merge(theta0, specialists, heads, p=0.4, lam=0.5), theta0)
+    expected = {k: torch.zeros_like(v) for k, v in both.items()}
+    for f, sd in specialists.items():
+        alone = delta_of(dare.merge(theta0, {f: sd}, {f: heads[f]}, p=0.4, lam=0.5), theta0)
+        for k in expected:
+            expected[k] += alone[k]
+    assert_close(both, expected, atol=1e-6, rtol=0)
+
+
+def test_dare_with_p_zero_is_task_arithmetic_or_ties():
+    vit = tiny_vit()
+    specialists = three(vit)
+    heads = heads_for(specialists, 24)
+    assert_same_backbone(
+        dare.merge(vit, specialists, heads, p=0.0).backbone, task_arithmetic.merge(vit, specialists, heads).backbone
+    )
+    assert_same_backbone(
+        dare.merge(vit, specialists, heads, p=0.0, combine="ties", density=0.3).backbone,
+        ties.merge(vit, specialists, heads, density=0.3).backbone,
+    )
+
+
+def test_dare_is_reproducible_seeded_and_independent_of_key_order():
+    vit = tiny_vit()
+    specialists = three(vit)
+    heads = heads_for(specialists, 24)
+    for combine in dare.COMBINES:
+        first = dare.merge(vit, specialists, heads, combine=combine, seed=3).backbone
+        again = dare.merge(vit, specialists, heads, combine=combine, seed=3).backbone
+        other = dare.merge(vit, specialists, heads, combine=combine, seed=4).backbone
+        assert_same_backbone(again, first)
+        assert not torch.equal(other["blocks.0.mlp.fc1.weight"], first["blocks.0.mlp.fc1.weight"])
+    # task arithmetic: a key's result depends on that key's masks only, whatever the other keys and their order
+    first = dare.merge(vit, specialists, heads, seed=3).backbone
+    subset = [k for k in reversed(list(vit)) if "blocks.1" in k or k == "cls_token"]
+    partial = dare.merge(
+        {k: vit[k] for k in subset}, {f: {k: sd[k] for k in subset} for f, sd in specialists.items()}, heads, seed=3
+    ).backbone
+    assert list(partial) == subset
+    for k in subset:
+        assert torch.equal(partial[k], first[k]), k
+
+
+def test_dare_mask_seed_is_stable_text_not_python_hash():
+    # the digest of "0\x1fdare\x1fa\x1fk" by SHA-256: a fixed number on every run (Python's hash() is salted)
+    assert stable_seed(0, "dare", "a", "k") == stable_seed("0", "dare", "a", "k")
+    assert stable_seed(0, "dare", "a", "k") != stable_seed(0, "dare", "b", "k")
+    mask = dare.keep_mask(0, "a", "k", (1000,), 0.5)
+    assert torch.equal(mask, dare.keep_mask(0, "a", "k", (1000,), 0.5))
+    assert not torch.equal(mask, dare.keep_mask(0, "a", "other", (1000,), 0.5))
+
+
+# ------------------------------------------------------------------------------------------------------ CART
+
+
+def test_cart_by_hand_with_numpy_svd():
+    d = 6  # q = max(1, ⌊0.34·6⌋) = 2 per block; fc1 (24×6) and fc2 (6×24) keep 2 too
+    theta0 = toy_theta0(d=d)
+    specialists = three(theta0)
+    result = cart.merge(theta0, specialists, heads_for(specialists, d), rank_ratio=0.34, lam=0.8, svd="exact")
+    delta = delta_of(result, theta0)
+    for key in theta0:
+        taus = [np_tau(theta0, specialists[f], key) for f in "abc"]
+        mean = sum(taus) / 3
+        expected = mean.copy()
+        if key in MATRIX_KEYS:
+            for tau in taus:
+                expected += 0.8 * np.concatenate([np_truncate(b, 2) for b in np_blocks(key, tau - mean)])
+        np.testing.assert_allclose(delta[key].numpy(), expected, atol=2e-6, err_msg=key)
+    assert result.diagnostics["kept_rank"] == {k: 2 for k in MATRIX_KEYS}
+
+
+def test_cart_full_rank_is_averaging_and_identical_specialists_give_that_specialist():
+    vit = tiny_vit()
+    specialists = three(vit)
+    heads = heads_for(specialists, 24)
+    mean = {k: torch.stack([sd[k].double() for sd in specialists.values()]).mean(0) for k in vit}
+    full = cart.merge(vit, specialists, heads, rank_ratio=1.0, lam=3.0).backbone
+    assert_close({k: v.double() for k, v in full.items()}, mean, atol=1e-6, rtol=0)
+    specialist = specialists["a"]
+    same = {f: {k: v.clone() for k, v in specialist.items()} for f in "abc"}
+    for svd in cart.SVD_METHODS:
+        assert_same_backbone(cart.merge(vit, same, heads, svd=svd, lam=2.0).backbone, specialist)
+
+
+def test_cart_exact_and_randomized_svd_agree():
+    # fine-tune-like task vectors: geometrically decaying spectra. Stated tolerance: 1e-4 relative per key.
+    d = 48  # q = 4; q + oversampling 16 < 48, so the randomized path runs
+    theta0 = toy_theta0(d=d)
+    g = torch.Generator().manual_seed(7)
+    specialists = {}
+    for name in "abc":
+        deltas = {}
+        for key in MATRIX_KEYS:
+            m, n = theta0[key].shape
+            x, y = torch.randn(m, 12, generator=g), torch.randn(n, 12, generator=g)
+            deltas[key] = 0.01 * (x * 0.5 ** torch.arange(12.0)) @ y.T
+        specialists[name] = with_deltas(theta0, deltas)
+    heads = heads_for(specialists, d)
+    exact = delta_of(cart.merge(theta0, specialists, heads, svd="exact", lam=2.0), theta0)
+    randomized = delta_of(cart.merge(theta0, specialists, heads, svd="randomized", lam=2.0), theta0)
+    for key in exact:
+        assert (randomized[key] - exact[key]).norm().item() <= 1e-4 * exact[key].norm().item() + 1e-7, key
+
+
+# ------------------------------------------------------------------------------------------------------- TSV
+
+
+def np_polar(matrix: np.ndarray) -> np.ndarray:
+    """A (AᵀA)^(-1/2), by an eigen-decomposition: another route to the polar factor (A of full column rank)."""
+    w, v = np.linalg.eigh(matrix.T @ matrix)
+    return matrix @ (v / np.sqrt(w)) @ v.T
+
+
+def np_tsv(taus: list[np.ndarray]) -> np.ndarray:
+    n = len(taus)
+    q = max(1, min(taus[0].shape) // n)
+    us, ss, vs = [], [], []
+    for tau in taus:
+        u, s, vt = np.linalg.svd(tau, full_matrices=False)
+        us.append(u[:, :q]), ss.append(s[:q]), vs.append(vt[:q].T)
+    u, s, v = np.concatenate(us, 1), np.concatenate(ss), np.concatenate(vs, 1)
+    return (np_polar(u) * s) @ np_polar(v).T
+
+
+def test_tsv_by_hand_with_numpy():
+    d = 6  # N = 3: q = 6 // 3 = 2 per task and block, N·q = 6 columns (a square U for the d×d blocks)
+    theta0 = toy_theta0(d=d)
+    specialists = three(theta0)
+    result = tsv.merge(theta0, specialists, heads_for(specialists, d), lam=0.6)
+    delta = delta_of(result, theta0)
+    for key in theta0:
+        taus = [np_tau(theta0, specialists[f], key) for f in "abc"]
+        if key in MATRIX_KEYS:
+            blocks = [np_tsv([np_blocks(key, t)[b] for t in taus]) for b in range(len(np_blocks(key, taus[0])))]
+            expected = 0.6 * np.concatenate(blocks)
+        else:
+            expected = 0.6 * sum(taus) / 3
+        np.testing.assert_allclose(delta[key].numpy(), expected, atol=3e-6, err_msg=key)
+    assert result.diagnostics["kept_rank"] == {k: 2 for k in MATRIX_KEYS}
+
+
+def test_tsv_of_orthogonal_task_vectors_is_their_sum_and_one_task_is_itself():
+    # τ₁ = diag(3, 2, 0, 0), τ₂ = diag(0, 0, 5, 1): q = 2, the singular vectors are already orthogonal
+    theta0 = {"blocks.0.attn.proj.weight": torch.zeros(4, 4), "norm.bias": torch.zeros(4)}
+    specialists = {
+        "a": {"blocks.0.attn.proj.weight": torch.diag(torch.tensor([3.0, 2, 0, 0])), "norm.bias": torch.ones(4)},
+        "b": {"blocks.0.attn.proj.weight": torch.diag(torch.tensor([0.0, 0, 5, 1])), "norm.bias": torch.zeros(4)},
+    }
+    out = tsv.merge(theta0, specialists, heads_for("ab")).backbone
+    assert_close(out["blocks.0.attn.proj.weight"], torch.diag(torch.tensor([3.0, 2, 5, 1])), atol=1e-6, rtol=0)
+    assert_close(out["norm.bias"], torch.full((4,), 0.5))
+    vit = tiny_vit()
+    one = {"a": perturbed(vit, 1)}  # N = 1: full rank, U and V already orthonormal
+    assert_close(tsv.merge(vit, one, heads_for("a", 24)).backbone, one["a"], atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------- Iso-C
+
+
+def test_iso_c_by_hand():
+    # τ₁ = diag(2, 0), τ₂ = diag(1, 1): Σ = diag(3, 1), σ̄ = 2, σ̄ U Vᵀ = 2·I, over N = 2: I
+    theta0 = {"blocks.0.attn.proj.weight": torch.zeros(2, 2), "norm.bias": torch.zeros(2)}
+    specialists = {
+        "a": {"blocks.0.attn.proj.weight": torch.diag(torch.tensor([2.0, 0.0])), "norm.bias": torch.tensor([1.0, 0])},
+        "b": {"blocks.0.attn.proj.weight": torch.eye(2), "norm.bias": torch.tensor([0.0, 3])},
+    }
+    out = iso_c.merge(theta0, specialists, heads_for("ab", 2), lam=1.5).backbone
+    assert_close(out["blocks.0.attn.proj.weight"], 1.5 * torch.eye(2), atol=1e-7, rtol=0)
+    assert_close(out["norm.bias"], 1.5 * torch.tensor([0.5, 1.5]))
+
+
+def test_iso_c_with_numpy_svd():
+    d = 6
+    theta0 = toy_theta0(d=d)
+    specialists = three(theta0)
+    delta = delta_of(iso_c.merge(theta0, specialists, heads_for(specialists, d), lam=0.9), theta0)
+    for key in theta0:
+        total = sum(np_tau(theta0, specialists[f], key) for f in "abc")
+        if key in MATRIX_KEYS:
+            blocks = []
+            for block in np_blocks(key, total):
+                u, s, vt = np.linalg.svd(block, full_matrices=False)
+                blocks.append(s.mean() * u @ vt)
+            expected = 0.9 * np.concatenate(blocks) / 3
+        else:
+            expected = 0.9 * total / 3
+        np.testing.assert_allclose(delta[key].numpy(), expected, atol=1e-6, err_msg=key)
+
+
+def test_iso_c_identical_specialists_with_a_flat_spectrum_give_that_specialist():
+    # Iso-C flattens every spectrum, so it returns a specialist only when its matrices already have a flat one:
+    # τ = c·orthogonal on each matrix (each d×d block of qkv), anything on the other keys
+    d = 8
+    theta0 = toy_theta0(d=d)
+    g = torch.Generator().manual_seed(3)
+    deltas = perturbed(theta0, 1)
+    deltas = {k: deltas[k] - theta0[k] for k in theta0}
+    for key in MATRIX_KEYS:
+        rows, cols = theta0[key].shape
+        blocks = 3 if key.endswith("qkv.weight") else 1
+        tall, wide = max(rows // blocks, cols), min(rows // blocks, cols)
+        # orthonormal columns (tall) or rows (wide): every singular value is 1
+        orthogonal = [torch.linalg.qr(torch.randn(tall, wide, generator=g))[0] for _ in range(blocks)]
+        orthogonal = [o if rows // blocks >= cols else o.T for o in orthogonal]
+        deltas[key] = 0.03 * torch.cat(orthogonal)
+    specialist = with_deltas(theta0, deltas)
+    same = {f: {k: v.clone() for k, v in specialist.items()} for f in "abc"}
+    assert_close(iso_c.merge(theta0, same, heads_for("abc", d)).backbone, specialist, atol=1e-6, rtol=0)
+    # a non-flat spectrum is flattened: not the specialist
+    skewed = perturbed(theta0, 2)
+    out = iso_c.merge(theta0, {f: skewed for f in "abc"}, heads_for("abc", d)).backbone
+    assert not torch.allclose(out["blocks.0.mlp.fc1.weight"], skewed["blocks.0.mlp.fc1.weight"], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ invariants
+
+
+SETTINGS = {
+    "ties": [{}, {"trim_scope": "per_tensor", "merge_fn": "sum"}],
+    "dare": [{}, {"combine": "ties", "p": 0.3}],
+    "cart": [{}, {"svd": "exact", "rank_ratio": 0.5}],
+    "tsv": [{}],
+    "iso_c": [{}],
+}
+CASES = [(name, kwargs) for name, options in SETTINGS.items() for kwargs in options]
+CASE_IDS = [f"{name}-{'-'.join(map(str, kwargs.values())) or 'default'}" for name, kwargs in CASES]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=CASE_IDS)
+def test_output_has_theta0_keys_shapes_dtypes_and_zero_tasks_give_theta0(name, kwargs):
+    narrow = {"pos_embed": torch.bfloat16, "blocks.0.mlp.fc2.weight": torch.float16}
+    narrow |= {"blocks.0.norm2.bias": torch.float16, "blocks.0.attn.qkv.weight": torch.bfloat16}
+    mixed = toy_theta0(dtypes=narrow)
+    mixed["step"] = torch.tensor(7)  # a non-floating buffer is carried over
+    specialists = three(mixed)
+    for sd in specialists.values():
+        sd["step"] = torch.tensor(7)
+    result = MERGERS[name].merge(mixed, specialists, heads_for(specialists), **kwargs)
+    assert list(result.backbone) == list(mixed)
+    for key, value in mixed.items():
+        assert result.backbone[key].shape == value.shape and result.backbone[key].dtype == value.dtype, key
+        assert torch.isfinite(result.backbone[key].float()).all(), key
+    assert not torch.equal(result.backbone["blocks.0.mlp.fc1.weight"], mixed["blocks.0.mlp.fc1.weight"])
+    json.dumps(result.diagnostics, allow_nan=False)
+    # zero task vectors: θ₀ bit for bit, no NaN anywhere
+    zero = {f: {k: v.clone() for k, v in mixed.items()} for f in "abc"}
+    result = MERGERS[name].merge(mixed, zero, heads_for(zero), **kwargs)
+    assert_same_backbone(result.backbone, mixed)
+    json.dumps(result.diagnostics, allow_nan=False)
+
+
+@pytest.mark.parametrize("name", ["ties", "dare", "tsv", "iso_c"])
+def test_lambda_zero_gives_theta0(name):
+    theta0 = toy_theta0()
+    specialists = three(theta0)
+    for kwargs in SETTINGS[name]:
+        result = MERGERS[name].merge(theta0, specialists, heads_for(specialists), lam=0.0, **kwargs)
+        assert_same_backbone(result.backbone, theta0)
+
+
+def test_cart_lambda_zero_is_weight_averaging():
+    theta0 = toy_theta0()
+    specialists = three(theta0)
+    out = cart.merge(theta0, specialists, heads_for(specialists), lam=0.0).backbone
+    mean = {k: torch.stack([sd[k].double() for sd in specialists.values()]).mean(0).float() for k in theta0}
+    assert_same_backbone(out, mean)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=CASE_IDS)
+def test_task_order_does_not_matter(name, kwargs):
+    theta0 = toy_theta0(d=6)
+    models = [perturbed(theta0, s) for s in (1, 2, 3)]
+    head_list = list(heads_for("abc", 6).values())
+    results = []
+    for order in [(0, 1, 2), (2, 0, 1), (1, 2, 0)]:
+        if name == "dare":  # masks are seeded by family name: permute the mapping's order, not the names
+            specialists = {"abc"[j]: models[j] for j in order}
+            heads = {"abc"[j]: head_list[j] for j in order}
+        else:  # the same models under other family names
+            specialists = {"abc"[i]: models[j] for i, j in enumerate(order)}
+            heads = {"abc"[i]: head_list[j] for i, j in enumerate(order)}
+        results.append(MERGERS[name].merge(theta0, specialists, heads, **kwargs))
+    for other in results[1:]:
+        assert_close(other.backbone, results[0].backbone, atol=1e-6, rtol=1e-5)
+        assert_close(other.head, results[0].head)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("cart", {"svd": "exact"}), ("cart", {}), ("tsv", {}), ("iso_c", {})])
+def test_fused_qkv_equals_split_q_k_v(name, kwargs):
+    d = 24  # CART: q = ⌊0.1·24⌋ = 2 per d×d block; a whole-matrix truncation of the fused 72×24 would differ
+    fused = toy_theta0(d=d)
+    specialists = three(fused)
+    heads = heads_for(specialists, d)
+    a = MERGERS[name].merge(fused, specialists, heads, **kwargs)
+    b = MERGERS[name].merge(split_state(fused), {f: split_state(sd) for f, sd in specialists.items()}, heads, **kwargs)
+    assert_close(split_state(a.backbone), b.backbone, atol=1e-6, rtol=1e-5)
+    whole = {"cart": 2, "tsv": 8, "iso_c": 24}[name]  # per block: ⌊0.1·24⌋, 24 // 3, all 24
+    assert a.diagnostics["kept_rank"]["blocks.0.attn.qkv.weight"] == whole
+
+
+# ------------------------------------------------------------------------------------------ real ViT, on disk
+
+
+def test_every_merger_on_a_tiny_vit_through_safetensors_files(tmp_path):
+    vit = tiny_vit()
+    vit = {k: (v.to(torch.bfloat16) if k == "pos_embed" else v) for k, v in vit.items()}  # one narrow key
+    eager = three(vit, scale=0.02)
+    heads = heads_for(eager, 24)
+    for f, sd in eager.items():
+        save_detector(tmp_path / f"{f}.safetensors", sd, heads[f], {"kind": "specialist"})
+    for name, options in SETTINGS.items():
+        for kwargs in options:
+            reads = {f: Counter() for f in eager}
+            counted = {
+                f: LazyStateDict(FileStateDict(tmp_path / f"{f}.safetensors"), reads[f]) for f in eager
+            }  # lazy over the files, counting reads per key
+            result = MERGERS[name].merge(vit, counted, heads, **kwargs)
+            assert list(result.backbone) == list(vit)
+            for key, value in vit.items():
+                out = result.backbone[key]
+                assert out.shape == value.shape and out.dtype == value.dtype, (name, key)
+                assert torch.isfinite(out.float()).all(), (name, key)
+            assert_close(result.backbone, MERGERS[name].merge(vit, eager, heads, **kwargs).backbone, atol=0, rtol=0)
+            passes = (
+                3
+                if kwargs.get("trim_scope", "global") == "global"
+                and (name == "ties" or kwargs.get("combine") == "ties")
+                else 1
+            )
+            for f in eager:
+                assert max(reads[f].values()) == passes, (name, kwargs, f)  # one key at a time, `passes` times
+            json.dumps(result.diagnostics, allow_nan=False)
+
+
+def test_diagnostics_hold_the_method_specific_facts():
+    vit = tiny_vit()
+    specialists = three(vit)
+    heads = heads_for(specialists, 24)
+    common = {"merger", "families", "hyperparameters", "task_vector_norms", "task_vector_cosines", "timings_s"}
+    facts = {
+        "ties": {"thresholds", "kept_fraction", "sign_conflict_fraction", "k"},
+        "dare": {"kept_fraction_dare"},
+        "cart": {"kept_rank"},
+        "tsv": {"kept_rank"},
+        "iso_c": {"kept_rank", "mean_singular_value"},
+    }
+    for name, module in MERGERS.items():
+        diagnostics = json.loads(json.dumps(module.merge(vit, specialists, heads).diagnostics, allow_nan=False))
+        assert diagnostics["merger"] == name
+        assert set(diagnostics) >= common | facts[name], name
+        assert "total" in diagnostics["timings_s"]
+    ties_facts = ties.merge(vit, specialists, heads).diagnostics
+    assert 0 < ties_facts["sign_conflict_fraction"] < 1
+    for f in "abc":
+        assert ties_facts["kept_fraction"][f] == pytest.approx(0.2, abs=1e-3)  # continuous values: no ties
+    kept = dare.merge(vit, specialists, heads).diagnostics["kept_fraction_dare"]
+    assert all(abs(v - 0.5) < 0.02 for v in kept.values())
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+
+class Untouchable(Mapping):
+    """A state dict that fails the test if it is read: knob checks must come before any work."""
+
+    def __getitem__(self, key):
+        raise AssertionError("read before the knobs were checked")
+
+    def __iter__(self):
+        raise AssertionError("read before the knobs were checked")
+
+    def __len__(self):
+        raise AssertionError("read before the knobs were checked")
+
+
+BAD_KNOBS = [
+    ("ties", {"density": 0.0}, "density"),
+    ("ties", {"density": 20}, "density"),
+    ("ties", {"density": 1.5}, "density"),
+    ("ties", {"density": float("nan")}, "density"),
+    ("ties", {"lam": float("inf")}, "lam"),
+    ("ties", {"lam": True}, "lam"),
+    ("ties", {"trim_scope": "per_layer"}, "trim_scope"),
+    ("ties", {"merge_fn": "mean"}, "merge_fn"),
+    ("dare", {"p": 1.0}, "p "),
+    ("dare", {"p": -0.1}, "p "),
+    ("dare", {"lam": float("nan")}, "lam"),
+    ("dare", {"combine": "average"}, "combine"),
+    ("dare", {"seed": 1.5}, "seed"),
+    ("dare", {"density": 0}, "density"),
+    ("cart", {"rank_ratio": 0.0}, "rank_ratio"),
+    ("cart", {"rank_ratio": 10}, "rank_ratio"),
+    ("cart", {"svd": "lanczos"}, "svd"),
+    ("cart", {"lam": float("-inf")}, "lam"),
+    ("tsv", {"lam": float("nan")}, "lam"),
+    ("iso_c", {"lam": "1"}, "lam"),
+]
+
+
+@pytest.mark.parametrize(("name", "knobs", "match"), BAD_KNOBS)
+def test_bad_knobs_are_refused_before_any_work(name, knobs, match):
+    with pytest.raises(ValueError, match=match):
+        MERGERS[name].validate(**knobs)
+    with pytest.raises(ValueError, match=match):
+        MERGERS[name].merge(Untouchable(), {"a": Untouchable()}, {}, **knobs)
+
+
+@pytest.mark.parametrize("name", list(MERGERS))
+def test_incompatible_specialists_are_refused_by_name(name):
+    theta0, good, cases = broken_cases()
+    for bad, words in cases:
+        with pytest.raises(ValueError) as error:
+            MERGERS[name].merge(theta0, {"good": good, "bad": bad}, heads_for(["good", "bad"]))
+        for word in [*words, "bad"]:
+            assert word in str(error.value), (name, word, str(error.value))
