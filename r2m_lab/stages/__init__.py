@@ -11,12 +11,14 @@ from r2m_lab.stages.evaluate import evaluate
 from r2m_lab.stages.finetune import finetune
 from r2m_lab.stages.merge import merge
 from r2m_lab.stages.pipeline import pipeline
+from r2m_lab.stages.preprocess import preprocess
 
 STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "finetune": finetune,
     "merge": merge,
     "evaluate": evaluate,
     "pipeline": pipeline,
+    "preprocess": preprocess,
 }
 
 
