@@ -61,13 +61,20 @@ class HaarDetector:
     """OpenCV's frontal-face Haar cascade: no landmarks, so crops are square boxes around the face (no alignment).
 
     ``min_size`` is the smallest face searched for, as a fraction of the frame's shorter side (small faces are
-    where Haar's false positives live).
+    where Haar's false positives live). Frames whose shorter side exceeds ``detect_side`` are searched at that
+    size and the boxes scaled back (the crop is cut from the full-resolution frame): the cascade's cost grows with
+    the pixel count, and a face big enough to be worth cropping survives the downscale.
     """
 
     name = "haar"
 
     def __init__(
-        self, scale_factor: float = 1.1, min_neighbors: int = 5, min_size: float = 0.05, cascade: str | None = None
+        self,
+        scale_factor: float = 1.1,
+        min_neighbors: int = 5,
+        min_size: float = 0.1,
+        detect_side: int | None = 360,
+        cascade: str | None = None,
     ) -> None:
         path = Path(cascade) if cascade else Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
         if not path.is_file():
@@ -80,14 +87,23 @@ class HaarDetector:
         self.scale_factor = float(scale_factor)
         self.min_neighbors = int(min_neighbors)
         self.min_size = float(min_size)
+        self.detect_side = int(detect_side) if detect_side else None
 
     def detect(self, image: np.ndarray) -> list[Face]:
-        gray = cv2.equalizeHist(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
+        gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        f = 1.0
+        if self.detect_side and min(gray.shape) > self.detect_side:
+            f = self.detect_side / min(gray.shape)
+            gray = cv2.resize(gray, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
+        gray = cv2.equalizeHist(gray)
         side = max(1, int(self.min_size * min(gray.shape)))
         boxes = self.classifier.detectMultiScale(
             gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(side, side)
         )
-        return [Face((float(x), float(y), float(x + w), float(y + h))) for x, y, w, h in np.reshape(boxes, (-1, 4))]
+        return [
+            Face((float(x) / f, float(y) / f, float(x + w) / f, float(y + h) / f))
+            for x, y, w, h in np.reshape(boxes, (-1, 4))
+        ]
 
 
 class MTCNNDetector:

@@ -601,6 +601,11 @@ def run_preprocess(
                 results[futures[fut]] = fut.result()
                 bar.update()
     bar.close()
+    for r in results.values():
+        if r["status"] != "done":
+            log.warning("preprocess: %s video %s: %s (reported, not indexed)", r["status"], r["source"], r["error"])
+        elif r["unreadable"]:
+            log.warning("preprocess: %s: frames %s do not decode (reported)", r["source"], r["unreadable"])
 
     indexes: dict[str, dict[str, Any]] = {}
     for job in p.jobs:
