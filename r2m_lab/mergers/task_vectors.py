@@ -451,27 +451,13 @@ def merge_key_by_key(
     ``combine`` maps the (N, *shape) float64 task-vector stack of one key to its merged delta (*shape). Keys whose τ
     is zero in every specialist stay θ₀ exactly; heads are averaged; diagnostics carry the task-vector geometry.
     """
-    start = time.perf_counter()
+    timer = PhaseTimer()
     names = family_names(specialists)
     check_keys(theta0, specialists)
     check_heads(heads, names)
-    task_gram = torch.zeros(len(names), len(names), dtype=torch.float64)
-    backbone, zero_keys = {}, 0
-    for key, reference, taus in iter_task_vectors(theta0, specialists, names):
-        if taus is None or not taus.any():
-            backbone[key] = reference.clone()
-            zero_keys += taus is not None
-            continue
-        task_gram += gram(taus)
-        backbone[key] = apply_delta(reference, combine(taus))
-    diagnostics = {
-        "merger": merger,
-        "families": names,
-        **({"hyperparameters": dict(hyperparameters)} if hyperparameters else {}),
-        "n_keys": len(backbone),
-        "n_zero_keys": zero_keys,
-        "task_vector_norms": dict(zip(names, task_gram.diagonal().sqrt().tolist(), strict=True)),
-        "task_vector_cosines": cosines_from_gram(task_gram),
-        "timings_s": {"total": time.perf_counter() - start},
-    }
-    return MergeResult(backbone=backbone, head=average_heads(heads), diagnostics=diagnostics)
+    merged = merge_keys(theta0, specialists, names, lambda _key, taus: combine(taus))
+    diagnostics = merge_diagnostics(
+        merger, names, hyperparameters or {}, merged.task_gram, len(merged.backbone), merged.n_zero_keys, {}
+    )
+    diagnostics["timings_s"] = timer.timings
+    return MergeResult(backbone=merged.backbone, head=average_heads(heads), diagnostics=diagnostics)
