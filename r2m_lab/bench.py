@@ -267,10 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row.update(arch=arch, n=n, merger=merger, device=args.device)
                 log.info("  %.2f s, save %.2f s, peak RSS %.2f GB", row["merge_s"], row["save_s"], row["peak_rss_gb"])
                 rows.append(row)
-    _verdicts(rows)
-    text = markdown(rows, machine)
-    write_text_atomic(args.out / "merge_report.md", text)
-    write_json_atomic(args.out / "merge_report.json", {"machine": machine, "rows": rows})
+                # rewritten after every job: an interrupted benchmark keeps what it measured
+                _verdicts(rows)
+                text = markdown(rows, machine)
+                write_text_atomic(args.out / "merge_report.md", text)
+                write_json_atomic(args.out / "merge_report.json", {"machine": machine, "rows": rows})
     sys.stdout.write(text)
     return 0
 
