@@ -35,7 +35,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-ARCHS = {"clip_vit_b16": "vit_base_patch16_clip_224", "clip_vit_l14": "vit_large_patch14_clip_224"}
+ARCHS = {
+    "clip_vit_b16": "vit_base_patch16_clip_224",
+    "clip_vit_l14": "vit_large_patch14_clip_224",
+    "vit_tiny": "vit_tiny_patch16_224",  # not benchmarked by default: the tests' smoke run of this script
+}
+DEFAULT_ARCHS = ("clip_vit_b16", "clip_vit_l14")
 MERGE_TARGETS = {"clip_vit_l14": {3: {"r2m": {"seconds": 60.0, "rss_gb": 3.5}}}}  # issue 3's CPU targets
 READ_FACTOR_TARGET = 3.0  # averaging and TIES: within 3× of a plain read of all N files
 FIXTURE_VERSION = 1  # bump when the fixture recipe changes, so cached files are rebuilt
@@ -225,7 +230,7 @@ def markdown(rows: list[dict], machine: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m r2m_lab.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS), choices=list(ARCHS))
     parser.add_argument("--n", nargs="+", type=int, default=[3, 6], help="numbers of specialists")
     parser.add_argument("--merger", nargs="+", default=None, help="default: every conf/merger/*.yaml that merges")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:1 ...")
