@@ -64,6 +64,7 @@ def test_selection_picks_the_best_validation_auc_and_records_the_curve(root):
     aucs = [point["val_auc"] for point in selection["curve"]]
     assert selection["chosen"] == {"lam": grid[int(np.argmax(aucs))]}
     assert card["hparams"] == {"lam": selection["chosen"]["lam"]}
+    assert selection["at_grid_edge"] == (["lam"] if selection["chosen"]["lam"] in (grid[0], grid[-1]) else [])
     # λ = 0 is θ₀ with the averaged head and λ = 3 an extrapolation: the grid really spans different models
     assert len(set(np.round(aucs, 6))) > 1
     assert (out / "plots" / "selection_task_arithmetic.png").read_bytes()[:4] == b"\x89PNG"

@@ -278,6 +278,11 @@ def select_and_merge(
             best, best_result = i, result
         del model
     chosen = grid[best]
+    edges = [k for k, v in chosen.items() if len(select[k]) > 1 and v in (select[k][0], select[k][-1])]
+    if edges:
+        log.warning(
+            "%s: the validation choice %s sits at the edge of its grid for %s; widen the grid", name, chosen, edges
+        )
     labels = [", ".join(f"{k}={v}" for k, v in p.items()) for p in grid]
     plot = plots.plot_selection(
         labels,
@@ -287,6 +292,7 @@ def select_and_merge(
         f"{name}: chosen on the validation split",
     )
     selection = {
+        "at_grid_edge": edges,
         "split": split,
         "sets": [str(d.name) for d in cfg.benchmark.validation.values()],
         "frames": len(val),
