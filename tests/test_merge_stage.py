@@ -88,8 +88,11 @@ def test_selection_is_reused_when_nothing_changed(root):
     from r2m_lab.stages.merge import select_and_merge
 
     cfg = compose_config(root, overrides)
+    plot = root / "run" / "plots" / "selection_task_arithmetic.png"
+    plot.unlink()
     again = select_and_merge(cfg, cfg.merger, {"lam": [0.1, 0.5]}, reuse=True)
     assert again["selection"] == first["selection"] and path.stat().st_mtime_ns == stamp
+    assert plot.read_bytes()[:4] == b"\x89PNG", "a reused selection still draws its curve in this run's folder"
 
 
 @pytest.mark.parametrize("split", ["test", "unseen", "train"])

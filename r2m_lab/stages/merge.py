@@ -229,6 +229,21 @@ def validation_frames(cfg: DictConfig, split: str = SELECTION_SPLIT) -> FrameSet
     return FrameSet.concat("validation", [instantiate(d).frames(split) for d in sets.values()])
 
 
+def plot_selection(cfg: DictConfig, name: str, selection: Mapping[str, Any]) -> Path:
+    """``plots/selection_<merger>.png`` in this run's folder: validation AUC per grid point, the choice marked."""
+    curve = selection["curve"]
+    params = list(selection["grid"])
+    labels = [", ".join(f"{k}={point[k]}" for k in params) for point in curve]
+    best = next(i for i, point in enumerate(curve) if all(point[k] == selection["chosen"][k] for k in params))
+    return plots.plot_selection(
+        labels,
+        [point["val_auc"] for point in curve],
+        best,
+        output_dir(cfg) / "plots" / f"selection_{name}.png",
+        f"{name}: chosen on the validation split",
+    )
+
+
 def select_and_merge(
     cfg: DictConfig,
     merger_cfg: Mapping[str, Any],
@@ -261,7 +276,9 @@ def select_and_merge(
         chosen_path = Path(json.loads(memo.read_text())["checkpoint"])
         if chosen_path.is_file() and Checkpoint(chosen_path).card().get("specialist_mtimes") == _mtimes(specialists):
             log.info("Reusing the validation selection of %s: %s", name, chosen_path)
-            return Checkpoint(chosen_path).card()
+            card = Checkpoint(chosen_path).card()
+            card["selection"]["plot"] = str(plot_selection(cfg, name, card["selection"]))  # this run's folder too
+            return card
     curve, best, best_result, loader = [], -1, None, None
     for i, (point, point_cfg) in enumerate(tqdm(list(zip(grid, points, strict=True)), desc=f"select {name}")):
         result = _run_merger(point_cfg, base, specialists)
@@ -283,14 +300,6 @@ def select_and_merge(
         log.warning(
             "%s: the validation choice %s sits at the edge of its grid for %s; widen the grid", name, chosen, edges
         )
-    labels = [", ".join(f"{k}={v}" for k, v in p.items()) for p in grid]
-    plot = plots.plot_selection(
-        labels,
-        [c["val_auc"] for c in curve],
-        best,
-        output_dir(cfg) / "plots" / f"selection_{name}.png",
-        f"{name}: chosen on the validation split",
-    )
     selection = {
         "at_grid_edge": edges,
         "split": split,
@@ -300,8 +309,8 @@ def select_and_merge(
         "grid": {k: list(v) for k, v in select.items()},
         "curve": curve,
         "chosen": chosen,
-        "plot": str(plot),
     }
+    selection["plot"] = str(plot_selection(cfg, name, selection))
     card = merge_specialists(cfg, points[best], reuse=reuse, selection=selection, result=best_result)
     write_json_atomic(memo, {"checkpoint": card["checkpoint_path"], "chosen": chosen})
     overrides = " ".join(f"merger.{k}={v}" for k, v in chosen.items())
