@@ -49,6 +49,7 @@ from r2m_lab.mergers.task_vectors import (
     cosines_from_gram,
     family_names,
     gram,
+    is_finite_number,
     is_matrix_key,
     is_norm_or_bias,
     iter_task_vectors,
@@ -282,10 +283,6 @@ def _pass3(
 # ------------------------------------------------------------------------------------------------------- merge
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def validate(
     *,
     k: Any = 1,
@@ -313,10 +310,10 @@ def validate(
     ):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-    if not _is_number(rank_ratio) or not 0 < rank_ratio <= 1:
+    if not is_finite_number(rank_ratio) or not 0 < rank_ratio <= 1:
         raise ValueError(f"rank_ratio must be a fraction in (0, 1] (0.1 keeps 10 % of the rank), got {rank_ratio!r}")
     for name, value in (("eta", eta), ("alpha", alpha)):
-        if not _is_number(value):
+        if not is_finite_number(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if n_tasks is not None and k > n_tasks:
         raise ValueError(f"k={k} exceeds the number of specialists N={n_tasks}: the real subspace has rank ≤ N")

@@ -6,17 +6,16 @@ validation split; λ = 1/N is weight averaging and λ = 0 returns θ₀.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 from torch import Tensor
 
-from r2m_lab.mergers.task_vectors import MergeResult, merge_key_by_key
+from r2m_lab.mergers.task_vectors import MergeResult, is_finite_number, merge_key_by_key
 
 
 def validate(*, lam: float = 0.3) -> None:
     """Refuse a λ that is not a finite number (called by the merge stage at config time, and by merge)."""
-    if isinstance(lam, bool) or not isinstance(lam, int | float) or not math.isfinite(lam):
+    if not is_finite_number(lam):
         raise ValueError(f"lam must be a finite number, got {lam!r}")
 
 

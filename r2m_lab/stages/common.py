@@ -175,7 +175,7 @@ def ensure_base(cfg: DictConfig) -> Path:
     return path
 
 
-def require_base(cfg: DictConfig) -> Checkpoint:
+def require_base(cfg: DictConfig, device: str = "cpu") -> Checkpoint:
     path = base_path(cfg)
     if not path.is_file():
         raise FileNotFoundError(
@@ -183,7 +183,7 @@ def require_base(cfg: DictConfig) -> Checkpoint:
             f"`python -m r2m_lab stage=finetune data=<family>` for each of {specialist_names(cfg)} "
             "(or `python -m r2m_lab stage=pipeline`)."
         )
-    return Checkpoint(path)
+    return Checkpoint(path, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------- models

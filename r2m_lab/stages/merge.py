@@ -85,8 +85,7 @@ def open_specialists(cfg: DictConfig, device: str = "cpu") -> tuple[Checkpoint, 
             f"{cfg.backbone.name}, seed {cfg.seed} (looked in {specialist_path(cfg, missing[0]).parent}). "
             f"Train them first:\n{commands}"
         )
-    base = require_base(cfg)
-    base = Checkpoint(base.path, device=device)
+    base = require_base(cfg, device)
     specialists = {n: Checkpoint(specialist_path(cfg, n), device=device) for n in names}
     foreign = {n: c.base_hash[:12] or "none" for n, c in specialists.items() if c.base_hash != base.base_hash}
     if foreign:
