@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from r2m_lab.atomic import write_json_atomic, write_text_atomic
-    from r2m_lab.stages.common import REFERENCE_MERGERS
+    from r2m_lab.stages.merger_config import REFERENCE_MERGERS
 
     mergers = args.merger or sorted(
         p.stem for p in (REPO / "conf" / "merger").glob("*.yaml") if p.stem not in REFERENCE_MERGERS

@@ -384,7 +384,7 @@ def test_augmentation_knobs_change_the_pipeline(tmp_path):
 def test_real_data_finetune_then_evaluate(tmp_path):
     """A tiny FF++-shaped tree: stage=finetune on FF-DF, then stage=evaluate on FF-DF test and Celeb-DF v2."""
     from r2m_lab.stages import run_stage
-    from r2m_lab.stages.common import specialist_path
+    from r2m_lab.stages.artifacts import specialist_path
 
     data = tmp_path / "data"
     write_tree(data, "FF-DF", ["FF-real", "FF-DF"], videos=3, frames=4, windows=True)

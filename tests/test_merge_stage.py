@@ -13,7 +13,7 @@ import torch
 
 from r2m_lab.mergers import ensemble, joint
 from r2m_lab.stages import run_stage
-from r2m_lab.stages.common import specialist_path
+from r2m_lab.stages.artifacts import specialist_path
 from r2m_lab.weights import Checkpoint, LazyStateDict, save_detector
 from tests.conftest import compose_config
 

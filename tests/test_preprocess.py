@@ -307,7 +307,7 @@ def test_detector_choice_is_explicit():
     for name, (_, package, _) in faces.DETECTORS.items():
         if name not in installed:  # asked for by name and absent: the install line, never a quiet Haar
             with pytest.raises(ImportError, match=f"pip install {package}"):
-                faces.build_detector(name)
+                faces.make_face_detector(name)
     box = faces.largest([faces.Face((0, 0, 10, 10)), faces.Face((5, 5, 40, 30)), faces.Face((0, 0, 20, 20))])
     assert box.box == (5, 5, 40, 30)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from r2m_lab.stages import run_stage
-from r2m_lab.stages.common import base_path, merged_path, specialist_path
+from r2m_lab.stages.artifacts import base_path, merged_path, specialist_path
 from r2m_lab.weights import Checkpoint, save_detector
 from tests.conftest import compose_config
 

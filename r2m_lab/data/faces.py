@@ -230,7 +230,7 @@ def resolve_detector_name(name: str) -> str:
     return name
 
 
-def build_detector(name: str, options: dict[str, Any] | None = None) -> FaceDetector:
+def make_face_detector(name: str, options: dict[str, Any] | None = None) -> FaceDetector:
     """The detector ``name`` (already resolved: not ``auto``) with its keyword ``options``."""
     if name not in DETECTORS:
         raise ValueError(f"stage.detector={name!r}; valid: {[*DETECTORS, 'auto']}")

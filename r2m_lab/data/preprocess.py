@@ -45,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from r2m_lab.atomic import write_bytes_atomic, write_json_atomic
-from r2m_lab.data.faces import FaceDetector, build_detector, centre_crop, crop_face, largest
+from r2m_lab.data.faces import FaceDetector, centre_crop, crop_face, largest, make_face_detector
 from r2m_lab.data.index import add_video, video_record, write_index
 
 log = logging.getLogger(__name__)
@@ -400,7 +400,7 @@ def _detector(settings: CropSettings) -> FaceDetector:
     global _DETECTOR
     key = _hash([settings.detector, dict(settings.detector_options)])
     if _DETECTOR is None or _DETECTOR[0] != key:
-        _DETECTOR = (key, build_detector(settings.detector, dict(settings.detector_options)))
+        _DETECTOR = (key, make_face_detector(settings.detector, dict(settings.detector_options)))
     return _DETECTOR[1]
 
 

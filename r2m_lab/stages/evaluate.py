@@ -24,20 +24,10 @@ from r2m_lab.detector import score_frames
 from r2m_lab.evaluation import plots, tables
 from r2m_lab.evaluation.metrics import evaluate_scores, fit_threshold, video_scores
 from r2m_lab.mergers.ensemble import merge as combine_outputs
-from r2m_lab.stages.common import (
-    build_detector,
-    build_logger,
-    close_logger,
-    input_cfg,
-    is_reference,
-    merged_path,
-    merger_name,
-    output_dir,
-    resolve_device,
-    specialist_names,
-    specialist_path,
-    validate_merger,
-)
+from r2m_lab.stages.artifacts import merged_path, output_dir, specialist_names, specialist_path
+from r2m_lab.stages.loggers import build_logger, close_logger
+from r2m_lab.stages.merger_config import is_reference, merger_name, validate_merger
+from r2m_lab.stages.models import load_detector, model_input_config, resolve_device
 from r2m_lab.weights import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -134,9 +124,11 @@ def evaluate_models(
     kept: dict[str, dict[str, np.ndarray]] = {}
     loader = None
     for label, path in tqdm(checkpoints.items(), desc="evaluate", unit="model"):
-        model = build_detector(cfg, Checkpoint(path))
+        model = load_detector(cfg, Checkpoint(path))
         if loader is None:
-            loader = eval_loader(FrameDataset(unique, build_transform(input_cfg(cfg, model))), int(cfg.eval_batch_size))
+            loader = eval_loader(
+                FrameDataset(unique, build_transform(model_input_config(cfg, model))), int(cfg.eval_batch_size)
+            )
         flat = score_frames(model, loader, device, desc=label)
         per_set = {n: flat[inverse[offsets[i] : offsets[i + 1]]] for i, n in enumerate(names)}
         models[label] = _metrics_for(label, per_set, sets, protocols, out, str(path))

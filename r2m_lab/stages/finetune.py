@@ -13,18 +13,11 @@ from r2m_lab.atomic import write_json_atomic
 from r2m_lab.data.loaders import DetectionDataModule, FrameDataset, build_augment, build_transform, eval_loader
 from r2m_lab.detector import score_frames
 from r2m_lab.evaluation.metrics import evaluate_scores, fit_threshold
-from r2m_lab.stages.common import (
-    build_detector,
-    build_logger,
-    close_logger,
-    ensure_base,
-    fingerprint,
-    input_cfg,
-    output_dir,
-    plain,
-    seed_all,
-    specialist_path,
-)
+from r2m_lab.stages.artifacts import output_dir, specialist_path
+from r2m_lab.stages.base_model import ensure_base, seed_all
+from r2m_lab.stages.config_nodes import fingerprint, plain
+from r2m_lab.stages.loggers import build_logger, close_logger
+from r2m_lab.stages.models import load_detector, model_input_config
 from r2m_lab.weights import Checkpoint, save_detector, write_card
 
 log = logging.getLogger(__name__)
@@ -72,8 +65,8 @@ def train_detector(
             return card
     seed_all(cfg.seed)
     recipe = cfg.backbone.recipe
-    model = build_detector(cfg, base, with_optimizer=True)
-    inputs = input_cfg(cfg, model)
+    model = load_detector(cfg, base, with_optimizer=True)
+    inputs = model_input_config(cfg, model)
     augment = build_augment(recipe.augment)
     # A joint model sees each family as often as its specialist does (the paper's joint training: same epochs,
     # all data).

@@ -27,22 +27,11 @@ from r2m_lab.data.sources import FrameSet
 from r2m_lab.detector import score_frames
 from r2m_lab.evaluation import plots
 from r2m_lab.evaluation.metrics import frame_metrics
-from r2m_lab.stages.common import (
-    detector_from_state,
-    fingerprint,
-    input_cfg,
-    is_reference,
-    merged_path,
-    merger_hparams,
-    merger_name,
-    output_dir,
-    plain,
-    require_base,
-    resolve_device,
-    specialist_names,
-    specialist_path,
-    validate_merger,
-)
+from r2m_lab.stages.artifacts import merged_path, output_dir, specialist_names, specialist_path
+from r2m_lab.stages.base_model import require_base
+from r2m_lab.stages.config_nodes import fingerprint, plain
+from r2m_lab.stages.merger_config import is_reference, merger_hparams, merger_name, validate_merger
+from r2m_lab.stages.models import detector_from_state, model_input_config, resolve_device
 from r2m_lab.weights import Checkpoint, save_detector, write_card
 
 log = logging.getLogger(__name__)
@@ -284,7 +273,9 @@ def select_and_merge(
         model = detector_from_state(cfg, result.backbone, result.head)
         if loader is None:  # the pooled sets share their real frames: score each distinct frame once
             _, first, inverse = np.unique(val.keys, return_index=True, return_inverse=True)
-            unique = FrameDataset(val.subset(first, "validation/unique"), build_transform(input_cfg(cfg, model)))
+            unique = FrameDataset(
+                val.subset(first, "validation/unique"), build_transform(model_input_config(cfg, model))
+            )
             loader = eval_loader(unique, int(cfg.eval_batch_size))
         scores = score_frames(model, loader, device)[inverse]  # (F,) back in pooled order
         auc = frame_metrics(scores, val.labels)["auc"]

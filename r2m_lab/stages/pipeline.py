@@ -10,16 +10,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from r2m_lab.mergers.task_vectors import task_vector_cosines
-from r2m_lab.stages.common import (
-    REFERENCE_MERGERS,
-    ensure_base,
-    is_reference,
-    merged_path,
-    output_dir,
-    plain,
-    specialist_path,
-    validate_merger,
-)
+from r2m_lab.stages.artifacts import merged_path, output_dir, specialist_path
+from r2m_lab.stages.base_model import ensure_base
+from r2m_lab.stages.config_nodes import plain
 from r2m_lab.stages.evaluate import evaluate_models, write_report
 from r2m_lab.stages.finetune import train_detector
 from r2m_lab.stages.merge import (
@@ -29,6 +22,7 @@ from r2m_lab.stages.merge import (
     reference_card,
     select_and_merge,
 )
+from r2m_lab.stages.merger_config import REFERENCE_MERGERS, is_reference, validate_merger
 
 log = logging.getLogger(__name__)
 

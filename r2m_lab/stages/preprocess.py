@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 from r2m_lab.atomic import write_json_atomic
 from r2m_lab.data.faces import resolve_detector_name
 from r2m_lab.data.preprocess import LAYOUTS, CropSettings, plan, run_preprocess
-from r2m_lab.stages.common import output_dir, plain
+from r2m_lab.stages.artifacts import output_dir
+from r2m_lab.stages.config_nodes import plain
 
 log = logging.getLogger(__name__)
 
