@@ -261,7 +261,9 @@ def test_masks_only_when_asked(tmp_path):
     # real videos have no masks: their frames get None, the fakes' frames their own mask
     both = source(tmp_path, with_masks=True).frames("test")
     assert [m is None for m in both.mask_paths] == [y == 0 for y in both.labels.tolist()]
-    assert all(m.replace("/masks/", "/frames/") == f for m, f in zip(both.mask_paths, both.paths) if m is not None)
+    assert all(
+        m.replace("/masks/", "/frames/") == f for m, f in zip(both.mask_paths, both.paths, strict=True) if m is not None
+    )
     with pytest.raises(ValueError, match="with_masks=true but no frame of FF-DF/train has a mask"):
         source(tmp_path, with_masks=True).frames("train")
     fakes = source(tmp_path, real=(), fake=("FF-DF",), exclude_labels=["FF-real"], with_masks=True).frames("test")
