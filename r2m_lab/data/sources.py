@@ -48,7 +48,8 @@ class FrameSet:
     paths: Sequence[str] | None = field(default=None, repr=False)
     # (N,) str identity of each frame across datasets: scoring the union of several sets scores each frame once.
     keys: np.ndarray | None = field(default=None, repr=False)
-    mask_paths: Sequence[str] | None = field(default=None, repr=False)  # (N,) manipulation masks, when asked for
+    # (N,) manipulation mask per frame when asked for; None for a frame whose video has none (real videos)
+    mask_paths: Sequence[str | None] | None = field(default=None, repr=False)
     unreadable: str = "error"
     unreadable_paths: set[str] = field(default_factory=set, repr=False)
 
@@ -251,9 +252,9 @@ def _sample(n_frames: int, n: int | None, first_n: bool) -> list[int]:
     return np.linspace(0, n_frames - 1, n).round().astype(int).tolist()
 
 
-def _holdout_rank(video_id: str) -> str:
-    """A fixed pseudo-random rank per video id (same on every machine and run), for the validation hold-out."""
-    return hashlib.sha256(video_id.encode("utf-8")).hexdigest()
+def _holdout_rank(video: str) -> float:
+    """A fixed pseudo-random number in [0, 1) per video name (the same on every machine and in every run)."""
+    return int(hashlib.sha256(video.encode("utf-8")).hexdigest()[:15], 16) / 16**15
 
 
 class DeepfakeBenchSource:
@@ -277,8 +278,9 @@ class DeepfakeBenchSource:
     **Validation of the index** covers what a split reads; a malformed node elsewhere (DeepfakeBench's ``DFDC.json``
     has a video record as its ``val`` node) is logged with its key path and listed in the report, not fatal.
 
-    **Validation split** (``val_source``): ``index`` reads the index's ``val``; ``train`` holds out ``val_fraction``
-    of the training videos of each label (by a fixed hash of the video id) as ``val`` and trains on the rest;
+    **Validation split** (``val_source``): ``index`` reads the index's ``val``; ``train`` holds out about
+    ``val_fraction`` of the training videos of each label (by a fixed hash of the video name, see
+    :meth:`heldout_videos`) as ``val`` and trains on the rest;
     ``auto`` (default) reads the index's ``val`` when it lists any video of the labels read, else holds out.
 
     **Frame order and sampling**: each video's frames are put in time order (by integer file stem; listed order when
@@ -486,16 +488,24 @@ class DeepfakeBenchSource:
         return self._holdout_on
 
     def heldout_videos(self) -> set[str]:
-        """Video ids of ``train`` held out as ``val``: per label, the ``val_fraction`` with the lowest fixed hash
-        rank (at least one of a label with two or more videos), the same in every run and at every compression."""
+        """Video ids of ``train`` held out as ``val``: those whose video name hashes below ``val_fraction``.
+
+        A rule on the name alone (not a draw, not a rank within this index) holds out the same videos in every run,
+        at every compression and in every index that lists them, so indexes that share real videos (DF40's) keep
+        them on one side in a joint model. A label with two or more training videos none of which falls below
+        keeps its lowest one out, so that val has both classes.
+        """
         if self._holdout is None:
             by_label: dict[str, set[str]] = {}
             for label, _, vid, _ in self._videos("train"):
                 by_label.setdefault(label, set()).add(vid)
             held: set[str] = set()
             for vids in by_label.values():
-                n_val = max(1, round(self.val_fraction * len(vids))) if len(vids) >= 2 else 0
-                held.update(sorted(vids, key=_holdout_rank)[:n_val])
+                rank = {v: _holdout_rank(v.split("/", 2)[2]) for v in vids}  # vid = dataset/label/video
+                chosen = {v for v in vids if rank[v] < self.val_fraction}
+                if not chosen and len(vids) >= 2:
+                    chosen = {min(vids, key=rank.__getitem__)}
+                held |= chosen
             self._holdout = held
         return self._holdout
 
