@@ -439,3 +439,16 @@ def test_e4e_reads_df40_protocol_file_or_its_rearrange_name(tmp_path, caplog):
     (tmp_path / "data" / "dataset_json" / "e4e_ff.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"dataset_json/e4e.json, .*dataset_json/e4e_ff.json"):
         instantiate(cfg).frames("test")
+
+
+def test_finetune_refuses_a_one_class_index_without_balancing(tmp_path):
+    """The issue's case: DF40's CLIP recipe has balanced=false, and a per-method index with no real in train."""
+    from r2m_lab.stages import run_stage
+    from r2m_lab.stages.common import specialist_path
+
+    df40_method_tree(tmp_path / "data", train_reals=False, val=True)
+    over = ["stage=finetune", "data=df40_method", "data.method=simswap", "backbone.recipe.balanced=false"]
+    cfg = compose_config(tmp_path, over)
+    with pytest.raises(ValueError, match="training split df40_simswap_ff/train has 0 real and 30 fake frames"):
+        run_stage(cfg)
+    assert not specialist_path(cfg, "df40_simswap_ff").exists()
