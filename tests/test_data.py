@@ -258,8 +258,14 @@ def test_masks_only_when_asked(tmp_path):
             rec["masks"] = [f.replace("/frames/", "/masks/") for f in rec["frames"]] if label == "FF-DF" else None
     path.write_text(json.dumps(index))
     assert source(tmp_path).frames("test").mask_paths is None
-    with pytest.raises(ValueError, match="FF-DF/FF-real/test000 has 0 masks for 4 frames"):
-        source(tmp_path, with_masks=True).frames("test")
+    # real videos have no masks: their frames get None, the fakes' frames their own mask
+    both = source(tmp_path, with_masks=True).frames("test")
+    assert [m is None for m in both.mask_paths] == [y == 0 for y in both.labels.tolist()]
+    assert all(
+        m.replace("/masks/", "/frames/") == f for m, f in zip(both.mask_paths, both.paths, strict=True) if m is not None
+    )
+    with pytest.raises(ValueError, match="with_masks=true but no frame of FF-DF/train has a mask"):
+        source(tmp_path, with_masks=True).frames("train")
     fakes = source(tmp_path, real=(), fake=("FF-DF",), exclude_labels=["FF-real"], with_masks=True).frames("test")
     assert fakes.n_real == 0 and all("/masks/" in m for m in fakes.mask_paths)
     assert fakes.subset(np.array([1, 0])).mask_paths == fakes.mask_paths[1::-1]
@@ -345,13 +351,16 @@ def test_benchmarks_list_their_protocols(tmp_path):
 
 
 def test_df40_method_config_follows_its_overrides(tmp_path):
+    from hydra.utils import instantiate
+
     cfg = compose_config(tmp_path, ["data=df40_method", "data.method=facedancer", "data.domain=cdf"])
     assert (cfg.data.dataset, list(cfg.data.real_labels), list(cfg.data.fake_labels)) == (
         "facedancer_cdf",
         ["facedancer_Real"],
         ["facedancer_Fake"],
     )
-    assert cfg.data.index.endswith("dataset_json/facedancer_cdf.json")
+    assert cfg.data.index is None and cfg.data.index_dir == f"{tmp_path}/data/dataset_json"
+    assert instantiate(cfg.data).index == tmp_path / "data" / "dataset_json" / "facedancer_cdf.json"
     assert cfg.data.name == "df40_facedancer_cdf", "per-method specialists get their own checkpoint path"
 
 

@@ -169,3 +169,88 @@ def test_posix_relative(tmp_path):
     assert posix_relative(tmp_path / "a" / "b.png", tmp_path) == "a/b.png"
     with pytest.raises(ValueError, match="not inside the data root"):
         posix_relative("/elsewhere/b.png", tmp_path)
+
+
+# --- validation limited to what is read; every problem named by its key path ----------------------------------------
+
+
+def dfdc_like_index() -> dict:
+    """DFDC as DeepfakeBench's rearrange.py writes it: ``val`` holds one video's record instead of {video: record}."""
+    index: dict = {"DFDC": {}}
+    for label in ("DFDC_Real", "DFDC_Fake"):
+        record = video_record(label, [f"DFDC/test/frames/{label}0/000.png"])
+        index["DFDC"][label] = {"train": {}, "test": {f"{label}0": record}, "val": dict(record)}
+    return index
+
+
+def test_problems_outside_the_splits_read_are_returned_not_raised(tmp_path):
+    index = dfdc_like_index()
+    problems = validate_index(index, splits=["test"])
+    assert [str(p) for p in problems] == [
+        f"DFDC/{label}/val: a split must be an object {{video: record}}, found a single video record in its place"
+        for label in ("DFDC_Real", "DFDC_Fake")
+    ]
+    assert {p.split for p in problems} == {"val"}
+    with pytest.raises(IndexSchemaError, match=r"^DFDC/DFDC_Real/val: a split must be an object"):
+        validate_index(index, splits=["test", "val"])
+    with pytest.raises(IndexSchemaError, match="DFDC/DFDC_Real/val"):
+        validate_index(index)  # every split: the strict whole-file check is unchanged
+    path = tmp_path / "DFDC.json"
+    path.write_text(json.dumps(index))
+    assert list(read_index(path, "DFDC", splits=["test"])) == ["DFDC_Real", "DFDC_Fake"]
+    assert [r[3] for r in iter_videos(read_index(path, "DFDC", splits=["test"]), ["test"])] == [
+        "DFDC_Real0",
+        "DFDC_Fake0",
+    ]
+
+
+def test_every_broken_node_is_listed_with_its_key_path():
+    from r2m_lab.data.index import index_problems
+
+    index = copy.deepcopy(ffpp_index())
+    index["FF-DF"]["FF-real"]["train"]["c23"]["train0"]["frames"] = "000.png"
+    index["FF-DF"]["FF-DF"]["test"]["c40"]["test0"]["label"] = "FF-real"
+    index["Other"] = []
+    problems = index_problems(index, source="FF-DF.json")
+    assert [str(p) for p in problems] == [
+        'FF-DF.json: FF-DF/FF-real/train/c23/train0: "frames" must be a list of strings',
+        "FF-DF.json: FF-DF/FF-DF/test/c40/test0: \"label\" must be the label it is filed under ('FF-DF'), "
+        "got 'FF-real'",
+        "FF-DF.json: Other: a dataset is a non-empty object {label: {split: ...}}",
+    ]
+    # reading FF-DF's val only: nothing read is broken, the three are returned (another dataset's too)
+    assert len(validate_index(index, splits=["val"], dataset="FF-DF")) == 3
+    # a broken label node is above the splits: fatal whatever split is read
+    index["FF-DF"]["FF-real"] = ["not", "a", "mapping"]
+    with pytest.raises(IndexSchemaError, match="FF-DF/FF-real: a label is an object"):
+        validate_index(index, splits=["val"], dataset="FF-DF")
+
+
+# --- frame paths as released files write them -----------------------------------------------------------------------
+
+
+def test_path_resolver_rules(tmp_path):
+    from r2m_lab.data.index import FramePathResolver
+
+    root = tmp_path / "data"
+    frame = root / "FaceForensics++" / "original_sequences" / "youtube" / "c23" / "frames" / "000" / "000.png"
+    frame.parent.mkdir(parents=True)
+    frame.write_bytes(b"png")
+    (root / "000.png").write_bytes(b"stray")  # a file at the root must never match a foreign path by name alone
+    elsewhere = tmp_path / "elsewhere" / "x" / "001.png"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_bytes(b"png")
+    r = FramePathResolver(root)
+    rel = "FaceForensics++/original_sequences/youtube/c23/frames/000/000.png"
+    assert r.locate(rel) == (str(frame), True)
+    assert r.locate(rel.replace("/", "\\")) == (str(frame), True)
+    assert r.locate(str(elsewhere)) == (str(elsewhere), True)  # absolute, exists as given: used as given
+    for foreign in (
+        "C:\\data\\" + rel.replace("/", "\\"),  # Windows drive letter
+        "/home/someone/datasets/" + rel,  # an absolute root of another machine
+        "./datasets\\" + rel.replace("/", "\\"),  # relative to another folder
+    ):
+        assert r.locate(foreign) == (str(frame), True), foreign
+    assert r.locate("C:\\data\\nothing\\000.png") == ("C:\\data\\nothing\\000.png", False)
+    assert r.locate("/gone/000/000.png") == ("/gone/000/000.png", False)
+    assert r.locate("gone/000.png") == (str(root / "gone" / "000.png"), False)

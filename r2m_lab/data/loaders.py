@@ -97,8 +97,27 @@ def balanced_sampler(labels: np.ndarray, num_samples: int, seed: int) -> Weighte
     return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples, True, generator=gen)
 
 
+def require_both_classes(frames: FrameSet, role: str) -> None:
+    """Refuse a training or validation split with frames of one class only, naming the split and its counts.
+
+    A detector trained on one class learns to answer that class whatever it sees (a "specialist" that is a
+    constant), and a threshold fitted on one class is meaningless; ``balanced`` or not, nothing can repair that.
+    """
+    if frames.n_real and frames.n_fake:
+        return
+    missing = "real" if not frames.n_real else "fake"
+    raise ValueError(
+        f"{role} split {frames.name} has {frames.n_real} real and {frames.n_fake} fake frames: no {missing} frame. "
+        f"Training needs both classes (e.g. a per-method DF40 index with no real video in train): use an index that "
+        f"lists {missing} videos in that split, or join one that does (a ConcatSource, as data=df40_joint does)."
+    )
+
+
 class DetectionDataModule(L.LightningDataModule):
-    """Train on one FrameSet (class-balanced batches), validate on another."""
+    """Train on one FrameSet (class-balanced batches or plain random draws), validate on another.
+
+    Both must hold real and fake frames (:func:`require_both_classes`), whatever ``balanced`` is.
+    """
 
     def __init__(
         self,
@@ -113,6 +132,8 @@ class DetectionDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        require_both_classes(train, "training")
+        require_both_classes(val, "validation")
         self.train_set = FrameDataset(train, train_transform)
         self.val_set = FrameDataset(val, eval_transform)
         self.batch_size = batch_size
