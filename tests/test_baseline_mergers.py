@@ -409,14 +409,14 @@ def test_tsv_of_orthogonal_task_vectors_is_their_sum_and_one_task_is_itself():
 
 
 def test_iso_c_by_hand():
-    # τ₁ = diag(2, 0), τ₂ = diag(1, 1): Σ = diag(3, 1), σ̄ = 2, σ̄ U Vᵀ = 2·I, over N = 2: I
+    # τ₁ = diag(2, 0), τ₂ = diag(1, 1): Σ = diag(3, 1), σ̄ = 2, σ̄ U Vᵀ = 2·I; λ = 1.5 on both key kinds
     theta0 = {"blocks.0.attn.proj.weight": torch.zeros(2, 2), "norm.bias": torch.zeros(2)}
     specialists = {
         "a": {"blocks.0.attn.proj.weight": torch.diag(torch.tensor([2.0, 0.0])), "norm.bias": torch.tensor([1.0, 0])},
         "b": {"blocks.0.attn.proj.weight": torch.eye(2), "norm.bias": torch.tensor([0.0, 3])},
     }
     out = iso_c.merge(theta0, specialists, heads_for("ab", 2), lam=1.5).backbone
-    assert_close(out["blocks.0.attn.proj.weight"], 1.5 * torch.eye(2), atol=1e-7, rtol=0)
+    assert_close(out["blocks.0.attn.proj.weight"], 3.0 * torch.eye(2), atol=1e-7, rtol=0)
     assert_close(out["norm.bias"], 1.5 * torch.tensor([0.5, 1.5]))
 
 
@@ -432,15 +432,16 @@ def test_iso_c_with_numpy_svd():
             for block in np_blocks(key, total):
                 u, s, vt = np.linalg.svd(block, full_matrices=False)
                 blocks.append(s.mean() * u @ vt)
-            expected = 0.9 * np.concatenate(blocks) / 3
+            expected = 0.9 * np.concatenate(blocks)
         else:
             expected = 0.9 * total / 3
         np.testing.assert_allclose(delta[key].numpy(), expected, atol=1e-6, err_msg=key)
 
 
-def test_iso_c_identical_specialists_with_a_flat_spectrum_give_that_specialist():
+def test_iso_c_one_specialist_with_a_flat_spectrum_gives_that_specialist():
     # Iso-C flattens every spectrum, so it returns a specialist only when its matrices already have a flat one:
-    # τ = c·orthogonal on each matrix (each d×d block of qkv), anything on the other keys
+    # τ = c·orthogonal on each matrix (each d×d block of qkv), anything on the other keys. N identical copies give
+    # N·τ on the matrices (the official code's sum) and τ elsewhere.
     d = 8
     theta0 = toy_theta0(d=d)
     g = torch.Generator().manual_seed(3)
@@ -455,8 +456,10 @@ def test_iso_c_identical_specialists_with_a_flat_spectrum_give_that_specialist()
         orthogonal = [o if rows // blocks >= cols else o.T for o in orthogonal]
         deltas[key] = 0.03 * torch.cat(orthogonal)
     specialist = with_deltas(theta0, deltas)
+    assert_close(iso_c.merge(theta0, {"a": specialist}, heads_for("a", d)).backbone, specialist, atol=1e-6, rtol=0)
     same = {f: {k: v.clone() for k, v in specialist.items()} for f in "abc"}
-    assert_close(iso_c.merge(theta0, same, heads_for("abc", d)).backbone, specialist, atol=1e-6, rtol=0)
+    tripled = with_deltas(theta0, {k: (3 if k in MATRIX_KEYS else 1) * deltas[k] for k in theta0})
+    assert_close(iso_c.merge(theta0, same, heads_for("abc", d)).backbone, tripled, atol=1e-6, rtol=0)
     # a non-flat spectrum is flattened: not the specialist
     skewed = perturbed(theta0, 2)
     out = iso_c.merge(theta0, {f: skewed for f in "abc"}, heads_for("abc", d)).backbone
