@@ -9,7 +9,8 @@ by key (a specialist may be a lazy mapping; the N×D task matrix is never formed
   median of the two others would be dragged halfway to the outlier and flag the ordinary ones too);
 - ``mean_cosine``: the mean cosine of τᵢ to the other task vectors, and ``others_agreement`` = the median pairwise
   cosine among the others (how much the rest agree with each other without i);
-- ``top_direction_share``, with ``top_direction_ratio`` to its median over all N: Σ σ₁(τᵢˡ)² / Σ ‖τᵢˡ‖²_F over the matrix keys l (a fused qkv as three d×d blocks): the
+- ``top_direction_share`` (and ``top_direction_ratio``, it over its median over all N): Σ σ₁(τᵢˡ)² / Σ ‖τᵢˡ‖²_F
+  over the matrix keys l (a fused qkv as three d×d blocks): the
   share of the task vector's matrix energy in each matrix's top singular direction (1 for rank-one updates, ~1/r for
   isotropic noise). σ₁ comes from POWER_ITERATIONS power iterations from a fixed start (a lower bound on σ₁, exact
   to a few digits for fine-tune spectra): O(m·n) per matrix instead of an SVD. None without matrix keys;
