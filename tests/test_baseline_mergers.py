@@ -76,17 +76,21 @@ def np_blocks(key: str, matrix: np.ndarray) -> list[np.ndarray]:
 def ties_by_loops(taus: list[np.ndarray], density: float, merge_fn: str = "disjoint_mean") -> np.ndarray:
     """TIES on whole flattened task vectors (N lists of D numbers), entry by entry in plain Python."""
     d = len(taus[0])
-    k = max(1, int(np.floor(density * d + 1e-9)))
+    k = min(d, int(density * d) + 1)  # ⌊density·D⌋ + 1 largest magnitudes, the TIES authors' count
     trimmed = []
     for tau in taus:
         threshold = sorted((abs(x) for x in tau), reverse=True)[k - 1]
         trimmed.append([x if abs(x) >= threshold else 0.0 for x in tau])
+    signs = []
+    for p in range(d):
+        total = sum(t[p] for t in trimmed)
+        signs.append((total > 0) - (total < 0))
+    majority = (sum(signs) > 0) - (sum(signs) < 0)
     out = []
     for p in range(d):
         values = [t[p] for t in trimmed]
-        total = sum(values)
-        sign = (total > 0) - (total < 0)
-        agree = [v for v in values if sign != 0 and v != 0 and (v > 0) == (sign > 0)]
+        sign = signs[p] or majority
+        agree = [v for v in values if v != 0 and ((v > 0) if sign > 0 else (v < 0))]
         if not agree:
             out.append(0.0)
         else:
@@ -138,24 +142,31 @@ def test_ties_per_tensor_trim_by_hand():
 
 
 def test_ties_elected_sign_and_disjoint_mean_on_one_entry():
-    # one entry, density 1: values +3, +1, −2 → elected +, disjoint mean (3 + 1)/2 = 2, disjoint sum 4;
-    # values +2, −2 (two tasks) cancel: no elected sign, the entry merges to 0
-    theta0 = {"norm.bias": torch.zeros(2)}
-    specialists = {
-        f: {"norm.bias": torch.tensor(v)} for f, v in zip("abc", [[3.0, 2.0], [1.0, -2.0], [-2.0, 0.0]], strict=True)
-    }
+    # density 1: values +3, +1, −2 → elected +, disjoint mean (3 + 1)/2 = 2, disjoint sum 4;
+    # values +2, −2 (and 0) cancel exactly: they take the majority sign of the other entries (+), so 2;
+    # values −1, −4, +0.5 → elected −, mean −2.5, sum −5
+    theta0 = {"norm.bias": torch.zeros(3)}
+    values = [[3.0, 2.0, -1.0], [1.0, -2.0, -4.0], [-2.0, 0.0, 0.5]]
+    specialists = {f: {"norm.bias": torch.tensor(v)} for f, v in zip("abc", values, strict=True)}
     heads = heads_for("abc")
-    mean = ties.merge(theta0, specialists, heads, density=1.0).backbone["norm.bias"]
+    # elected signs +, ?, −: a tie, so the cancelling entry keeps its negative value (the authors' selection rule)
+    mean = ties.merge(theta0, specialists, heads, density=1.0)
     total = ties.merge(theta0, specialists, heads, density=1.0, merge_fn="sum").backbone["norm.bias"]
-    assert mean.tolist() == [2.0, 0.0] and total.tolist() == [4.0, 0.0]
+    assert mean.backbone["norm.bias"].tolist() == [2.0, -2.0, -2.5] and total.tolist() == [4.0, -2.0, -5.0]
+    assert mean.diagnostics["majority_sign"] == 0 and mean.diagnostics["zero_sign_entries"] == 1
+    # one more positive entry makes the majority +: the cancelling entry becomes +2
+    theta0 = {"norm.bias": torch.zeros(4)}
+    specialists = {f: {"norm.bias": torch.tensor([*v, 1.0])} for f, v in zip("abc", values, strict=True)}
+    out = ties.merge(theta0, specialists, heads, density=1.0)
+    assert out.backbone["norm.bias"].tolist() == [2.0, 2.0, -2.5, 1.0] and out.diagnostics["majority_sign"] == 1
 
 
 def concatenated_thresholds(theta0, specialists, density) -> list[float]:
     out = []
     for f in sorted(specialists):
         tau = torch.cat([(specialists[f][k].double() - theta0[k].double()).reshape(-1) for k in theta0])
-        k = max(1, int(np.floor(density * tau.numel() + 1e-9)))
-        out.append(float(tau.abs().sort(descending=True).values[k - 1]))
+        d = tau.numel()
+        out.append(float(tau.abs().kthvalue(max(1, d - int(density * d))).values))  # the authors' k-th smallest
     return out
 
 
@@ -398,14 +409,14 @@ def test_tsv_of_orthogonal_task_vectors_is_their_sum_and_one_task_is_itself():
 
 
 def test_iso_c_by_hand():
-    # τ₁ = diag(2, 0), τ₂ = diag(1, 1): Σ = diag(3, 1), σ̄ = 2, σ̄ U Vᵀ = 2·I, over N = 2: I
+    # τ₁ = diag(2, 0), τ₂ = diag(1, 1): Σ = diag(3, 1), σ̄ = 2, σ̄ U Vᵀ = 2·I; λ = 1.5 on both key kinds
     theta0 = {"blocks.0.attn.proj.weight": torch.zeros(2, 2), "norm.bias": torch.zeros(2)}
     specialists = {
         "a": {"blocks.0.attn.proj.weight": torch.diag(torch.tensor([2.0, 0.0])), "norm.bias": torch.tensor([1.0, 0])},
         "b": {"blocks.0.attn.proj.weight": torch.eye(2), "norm.bias": torch.tensor([0.0, 3])},
     }
     out = iso_c.merge(theta0, specialists, heads_for("ab", 2), lam=1.5).backbone
-    assert_close(out["blocks.0.attn.proj.weight"], 1.5 * torch.eye(2), atol=1e-7, rtol=0)
+    assert_close(out["blocks.0.attn.proj.weight"], 3.0 * torch.eye(2), atol=1e-7, rtol=0)
     assert_close(out["norm.bias"], 1.5 * torch.tensor([0.5, 1.5]))
 
 
@@ -421,15 +432,16 @@ def test_iso_c_with_numpy_svd():
             for block in np_blocks(key, total):
                 u, s, vt = np.linalg.svd(block, full_matrices=False)
                 blocks.append(s.mean() * u @ vt)
-            expected = 0.9 * np.concatenate(blocks) / 3
+            expected = 0.9 * np.concatenate(blocks)
         else:
             expected = 0.9 * total / 3
         np.testing.assert_allclose(delta[key].numpy(), expected, atol=1e-6, err_msg=key)
 
 
-def test_iso_c_identical_specialists_with_a_flat_spectrum_give_that_specialist():
+def test_iso_c_one_specialist_with_a_flat_spectrum_gives_that_specialist():
     # Iso-C flattens every spectrum, so it returns a specialist only when its matrices already have a flat one:
-    # τ = c·orthogonal on each matrix (each d×d block of qkv), anything on the other keys
+    # τ = c·orthogonal on each matrix (each d×d block of qkv), anything on the other keys. N identical copies give
+    # N·τ on the matrices (the official code's sum) and τ elsewhere.
     d = 8
     theta0 = toy_theta0(d=d)
     g = torch.Generator().manual_seed(3)
@@ -444,8 +456,10 @@ def test_iso_c_identical_specialists_with_a_flat_spectrum_give_that_specialist()
         orthogonal = [o if rows // blocks >= cols else o.T for o in orthogonal]
         deltas[key] = 0.03 * torch.cat(orthogonal)
     specialist = with_deltas(theta0, deltas)
+    assert_close(iso_c.merge(theta0, {"a": specialist}, heads_for("a", d)).backbone, specialist, atol=1e-6, rtol=0)
     same = {f: {k: v.clone() for k, v in specialist.items()} for f in "abc"}
-    assert_close(iso_c.merge(theta0, same, heads_for("abc", d)).backbone, specialist, atol=1e-6, rtol=0)
+    tripled = with_deltas(theta0, {k: (3 if k in MATRIX_KEYS else 1) * deltas[k] for k in theta0})
+    assert_close(iso_c.merge(theta0, same, heads_for("abc", d)).backbone, tripled, atol=1e-6, rtol=0)
     # a non-flat spectrum is flattened: not the specialist
     skewed = perturbed(theta0, 2)
     out = iso_c.merge(theta0, {f: skewed for f in "abc"}, heads_for("abc", d)).backbone

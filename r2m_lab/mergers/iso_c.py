@@ -1,20 +1,30 @@
 """Iso-C: isotropic merging in the common subspace.
 
 Marczak, Magistri, Cygert, Twardowski, Bagdanov, van de Weijer, "No Task Left Behind: Isotropic Model Merging with
-Common and Task-Specific Subspaces", ICML 2025 (arXiv 2502.04959). Per matrix key (a fused qkv as three d×d blocks):
+Common and Task-Specific Subspaces", ICML 2025 (arXiv 2502.04959); official code github.com/danielm1405/iso-merging
+(`src/utils/iso.py`, `iso_c`). Per matrix key (a fused qkv as three d×d blocks):
 
     Σᵢ τᵢ = U diag(σ) Vᵀ   (thin SVD, r = min(m, n) singular values)
-    iso = σ̄ U Vᵀ,  σ̄ = (1/r) Σⱼ σⱼ              every direction of the summed task matrix gets the same weight
-    merged = iso / N
+    Δ = σ̄ U Vᵀ,  σ̄ = (1/r) Σⱼ σⱼ                 every direction of the summed task matrix gets the same weight
 
-Other keys (biases, norms, embeddings): merged = τ̄. θ* = θ₀ + λ·merged; heads averaged.
+Other keys (biases, norms, embeddings): Δ = τ̄ = (1/N) Σᵢ τᵢ. θ* = θ₀ + λ·Δ with the SAME λ on every key; heads
+averaged. This is the official code's formula: its merged task vector is the mean on every key and, on 2-D keys, the
+isotropic version of N·mean = the sum; it is then added with the scaling coefficient α chosen on validation data
+(their grid: α ∈ (0, 3]). So `lam` IS the authors' α, for any N, and λ = 1.0 (the default) is official Iso-C at
+α = 1. (Before this was fixed, matrix keys got (λ/N)·Δ and other keys λ·τ̄, which no λ reproduced once N > 1.)
 
-Scale (decided here): the paper scales the isotropic *sum* by α chosen on validation data; this module divides it by
-N so that `lam` acts on the same scale as weight averaging on every key, and λ = 1.0 is the default (the paper's α
-is λ/N). Then N identical specialists whose matrices have a flat spectrum (τ = c·orthogonal) give that specialist;
-for any other spectrum Iso-C flattens it on purpose, so identical specialists give its isotropic version, not it.
-Singular directions with σⱼ = 0 (a rank-deficient sum) get σ̄ too: that is the method, and their directions are
-whatever the SVD returns.
+Deliberate differences from the official code, both from shared/design/merging.md's definition of matrix keys:
+- a fused qkv (timm `attn.qkv.weight`, open_clip `in_proj_weight`) is three d×d matrices here, one 3d×d matrix there;
+  so results do not depend on whether a checkpoint fuses q, k and v;
+- only the weights inside attention and MLP blocks are matrix keys. The official code SVD-merges every 2-D key except
+  `text_projection`: in open_clip layout that includes the (L × d) `positional_embedding` and the visual `proj`.
+  In timm layout `pos_embed` is 3-D (1 × L × d) and is averaged here (Δ = τ̄); a timm backbone built with
+  `num_classes=0` has no projection key.
+
+Identical specialists: N copies of τ₁ give Δ = N·σ̄(τ₁)·U Vᵀ on matrices and τ₁ elsewhere (as in the official code),
+so for N > 1 no single λ returns the specialist. One specialist (N = 1) whose matrices have a flat spectrum
+(τ = c·orthogonal) is returned at λ = 1; for any other spectrum Iso-C flattens it on purpose. Singular directions
+with σⱼ = 0 (a rank-deficient sum) get σ̄ too: that is the method, and their directions are whatever the SVD returns.
 
 One float64 SVD per matrix (of the sum; N is not involved), one streaming pass, one key of all N in memory.
 """
@@ -64,7 +74,8 @@ def merge(
     *,
     lam: float = 1.0,
 ) -> MergeResult:
-    """Iso-C (module docstring): θ₀ + λ·(σ̄ U Vᵀ of Σᵢ τᵢ, over N, on matrix keys; τ̄ elsewhere); heads averaged."""
+    """Iso-C (module docstring): θ₀ + λ·(σ̄ U Vᵀ of Σᵢ τᵢ on matrix keys; τ̄ elsewhere); heads averaged. lam: the
+    authors' α, the same on every key."""
     validate(lam=lam)
     names = family_names(specialists)
     check_keys(theta0, specialists)
@@ -73,7 +84,6 @@ def merge(
     ranks: dict[str, int] = {}
     mean_sigmas: dict[str, list[float]] = {}
     lam = float(lam)
-    n = len(names)
 
     def combine(key: str, taus: Tensor) -> Tensor:
         if not (is_matrix_key(key) and taus.ndim == 3):
@@ -81,8 +91,8 @@ def merge(
         blocks = matrix_blocks(key, taus.sum(0, keepdim=True))[0]  # (B, m/B, n): the summed task matrix per block
         iso, mean_sigma = isotropic(blocks)
         ranks[key] = min(blocks.shape[-2:])  # Iso-C keeps every direction, at the same weight
-        mean_sigmas[key] = (mean_sigma / n).tolist()
-        return (lam / n) * iso.reshape(taus.shape[1:])
+        mean_sigmas[key] = mean_sigma.tolist()
+        return lam * iso.reshape(taus.shape[1:])
 
     streamed = merge_keys(theta0, specialists, names, combine)
     timer.tick("merge")
@@ -90,5 +100,5 @@ def merge(
         "iso_c", names, {"lam": lam}, streamed.task_gram, len(streamed.backbone), streamed.n_zero_keys, timer.timings
     )
     diagnostics["kept_rank"] = ranks  # directions kept per matrix (per d×d block for a fused qkv): all of them
-    diagnostics["mean_singular_value"] = mean_sigmas  # σ̄/N per block, before λ
+    diagnostics["mean_singular_value"] = mean_sigmas  # σ̄ of Σᵢ τᵢ per block, before λ
     return MergeResult(backbone=streamed.backbone, head=average_heads(heads), diagnostics=diagnostics)

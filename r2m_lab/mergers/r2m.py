@@ -4,14 +4,16 @@ Park, Kim, Cho, "Real-Aware Residual Model Merging for Deepfake Detection", arXi
 contract, including the choices the paper leaves open, is `shared/design/merging.md`; its steps map to this code:
 
 With task vectors τᵢ = θᵢ − θ₀ (i = 1..N) and, per key l, Aˡ ∈ ℝ^{N×Pˡ} whose rows are vec(τᵢˡ) (minus the mean
-row when `center`), L = every key except norms and biases, γˡ = 1 (`block_weight="none"`) or 1/‖Aˡ‖²_F ("equal"):
+row when `center`), L = every key except norms and biases, γˡ = 1 (`block_weight="none"`) or 1/‖Aˡ‖²_F ("equal"; a
+fused qkv counts as its three d×d blocks, each with its own γ, so a fused and a split q/k/v checkpoint give the same
+merge under every knob, to float64 rounding):
 
 2. real subspace   G = Σ_{l∈L} γˡ Aˡ Aˡᵀ (N×N, float64); top-k eigenpairs (λⱼ, uⱼ) with λⱼ > 1e-12·λ_max
 3. real core       a = Σ_{l∈L} γˡ Aˡ τ̄ˡ,  w = Uₖ Λₖ⁻¹ Uₖᵀ a,  τ_coreˡ = Aˡᵀ w on L and τ̄ˡ elsewhere
                    (the projection of τ̄ onto the top-k right singular vectors of the stacked task matrix)
 4. fake residuals  rᵢ = τᵢ − τ_core
 5. truncation      r̂ᵢˡ = best rank-q approximation of rᵢˡ on matrix keys, q = max(1, ⌊ρ·min(m, n)⌋), a fused qkv
-                   truncated as three d×d blocks; other keys untouched
+                   truncated as three d×d blocks; other keys untouched. The SVD and its stored factors are float64
 6. norm matching   nᵢ = ‖r̂ᵢ‖₂ over all keys, m = meanᵢ nᵢ, τ_res = (1/N) Σᵢ (m/nᵢ) r̂ᵢ (a zero residual stays 0)
 7. merge           θ* = θ₀ + τ_core + η·τ_res, η = eta | α‖τ_core‖₂ | α‖τ_core‖₂/‖τ_res‖₂ (`eta_mode`)
 8. head            averaged
@@ -22,7 +24,15 @@ the N×N eigen-problem gives w; pass 2 reads the keys again, forms each key's re
 (keeping them as low-rank factors US, Vh, not dense copies) and accumulates the N×N inner products of the r̂ᵢ, from
 which every global norm of steps 6–7 follows; pass 3 reads the keys a third time, rebuilds τ_core (an N-term
 combination, cheaper to recompute than to hold as a float64 copy of the backbone) and writes θ*. Keys whose τ is zero
-in every specialist are read in pass 1 only. Extra memory: the factors, about N·ρ·(m+n)/max(m, n) float32 backbones.
+in every specialist are read in pass 1 only. Extra memory: the float64 factors, about 2·N·ρ·(m+n)/max(m, n) float32
+backbones.
+
+Precision. Everything, the truncation SVDs included, runs in float64 and θ* is rounded to θ₀'s dtype once. The
+truncation needs it: with `eta_mode="relative"` and few specialists the norm-matched residuals can nearly cancel
+(N = 2: r₁ ≈ −r₂, ‖τ_res‖/‖τ_core‖ ≈ 1e-4), η = α‖τ_core‖/‖τ_res‖ ≈ 1e4 then amplifies the rounding of the r̂ᵢ by
+the same factor: a float32 SVD (rounding ~1e-7 of ‖r̂ᵢ‖) gave a 4e-3 relative error in η·τ_res, float64 gives ~1e-8.
+A merge in that regime still logs a warning (‖τ_res‖ < NEAR_CANCELLATION·‖τ_core‖ = 1e-3 with `relative`, i.e.
+η > 1e3·α): η·τ_res is then mostly the difference of nearly equal residuals, which amplifies any noise in them.
 
 A residual whose norm is below 1e-10 of its natural scale (‖τᵢ‖ + ‖τ_core‖) is float64 round-off, not signal, and
 is treated as zero: this is what makes identical specialists give that specialist bit for bit whatever ρ and η
@@ -31,6 +41,7 @@ is treated as zero: this is what makes identical specialists give that specialis
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -65,6 +76,9 @@ ETA_MODES = ("fixed", "core_norm", "relative")
 
 EIGEN_RTOL = 1e-12  # eigenpairs with λ ≤ 1e-12·λ_max are numerical null space (merging.md step 2)
 ZERO_RESIDUAL_RTOL = 1e-10  # see the module docstring
+NEAR_CANCELLATION = 1e-3  # eta_mode="relative" warns when ‖τ_res‖ < this·‖τ_core‖ (module docstring, "Precision")
+
+logger = logging.getLogger(__name__)
 
 StateDict = Mapping[str, Tensor]
 
@@ -78,11 +92,34 @@ def core_rows(flat: Tensor, center: bool) -> Tensor:
 
 
 def block_weight_of(key_gram: Tensor, block_weight: str) -> float:
-    """γˡ: 1, or 1/‖Aˡ‖²_F (= 1/trace Aˡ Aˡᵀ) so every key counts equally; a zero block gets 0."""
+    """γˡ: 1, or 1/‖Aˡ‖²_F (= 1/trace Aˡ Aˡᵀ) so every block counts equally; a zero block gets 0."""
     if block_weight == "none":
         return 1.0
     energy = float(key_gram.trace())
     return 1.0 / energy if energy > 0 else 0.0
+
+
+def weighted_block_sums(key: str, taus: Tensor, center: bool, block_weight: str) -> tuple[Tensor, Tensor]:
+    """One key's contribution to G and a: (Σ_b γᵇ Aᵇ Aᵇᵀ (N, N), Σ_b γᵇ Aᵇ τ̄ᵇ (N,)), float64 on the CPU.
+
+    taus: (N, *shape). The blocks b are the key itself, or for `block_weight="equal"` on a fused qkv its q, k and v
+    (each with its own γ, as split q/k/v keys would get); with γ = 1 the split changes nothing, so it is skipped.
+    """
+    n = taus.shape[0]
+    if block_weight == "equal" and is_matrix_key(key) and taus.ndim == 3:
+        blocks = matrix_blocks(key, taus).flatten(2)  # (N, B, P/B): B = 3 for a fused qkv, else 1
+    else:
+        blocks = taus.reshape(n, 1, -1)  # (N, B, P/B)
+    key_gram = torch.zeros(n, n, dtype=torch.float64)
+    key_a = torch.zeros(n, dtype=torch.float64)
+    for b in range(blocks.shape[1]):
+        flat = blocks[:, b]  # (N, P/B)
+        rows = core_rows(flat, center)
+        block_gram = (rows @ rows.T).cpu()
+        weight = block_weight_of(block_gram, block_weight)
+        key_gram += weight * block_gram
+        key_a += weight * (rows @ flat.mean(0)).cpu()
+    return key_gram, key_a
 
 
 @dataclass
@@ -190,12 +227,9 @@ def _pass1(
         if is_norm_or_bias(key):
             continue
         acc.core_keys.add(key)
-        flat = taus.reshape(n, -1)  # (N, P)
-        rows = core_rows(flat, center)
-        key_gram = (rows @ rows.T).cpu()
-        weight = block_weight_of(key_gram, block_weight)
-        acc.gram += weight * key_gram
-        acc.a += weight * (rows @ flat.mean(0)).cpu()
+        key_gram, key_a = weighted_block_sums(key, taus, center, block_weight)
+        acc.gram += key_gram
+        acc.a += key_a
     return acc
 
 
@@ -238,15 +272,15 @@ def _pass2(
             rows, cols = blocks.shape[-2:]
             q = acc.kept_rank[key] = kept_rank(rows, cols, rank_ratio)
             if q < min(rows, cols):  # ρ = 1 keeps everything: nothing to store, pass 3 rebuilds rᵢ exactly
-                # float32 SVD: the residuals come from float32 (or narrower) weights, and it is ~2× faster.
-                us, vh = low_rank_factors(blocks.to(torch.float32), q, svd)  # (N, B, m, q), (N, B, q, n)
+                # float64 SVD and factors: see "Precision" in the module docstring (near-cancelling residuals).
+                us, vh = low_rank_factors(blocks, q, svd)  # (N, B, m, q), (N, B, q, n) float64
                 if q * (rows + cols) < rows * cols:
                     acc.factors[key] = (us, vh)
                     acc.residual_gram += factor_gram(us, vh)  # never densifies r̂: O(N²q²(m+n)), not O(Nmnq)
                     continue
                 dense = us @ vh  # (N, B, m, n) r̂: smaller than its factors here
                 acc.factors[key] = (dense, None)
-                residuals = dense.reshape(n, -1).to(torch.float64)
+                residuals = dense.reshape(n, -1)
         acc.residual_gram += gram(residuals)
     return acc
 
@@ -392,6 +426,17 @@ def merge(
     scales = residual_scales(residual_norms, task_norms + core_norm, norm_matching)
     residual_norm = math.sqrt(max(float(scales @ second.residual_gram @ scales), 0.0))  # ‖τ_res‖ = √(cᵀ R c)
     eta_used = eta_value(eta_mode, eta, alpha, core_norm, residual_norm)
+    near_cancellation = eta_mode == "relative" and 0 < residual_norm < NEAR_CANCELLATION * core_norm
+    if near_cancellation:
+        logger.warning(
+            "R²M eta_mode=relative: the residuals nearly cancel (‖τ_res‖/‖τ_core‖ = %.3g < %g), so η = %.4g amplifies "
+            "them %.3g-fold; the merge is computed in float64, but η·τ_res is dominated by the small differences "
+            "between the specialists' residuals (consider eta_mode=fixed or core_norm)",
+            residual_norm / core_norm,
+            NEAR_CANCELLATION,
+            eta_used,
+            eta_used,
+        )
     tick("norms")
     backbone = _pass3(theta0, specialists, names, first, second, subspace.weights, scales, eta_used, center)
     tick("pass3_combine")
@@ -438,6 +483,7 @@ def merge(
         "residual_scales": by_family(scales * n),  # m/nᵢ (1 without norm matching), 0 for a zero residual
         "residual_norm": residual_norm,  # ‖τ_res‖ before η
         "eta": eta_used,
+        "near_cancellation": near_cancellation,  # eta_mode=relative with ‖τ_res‖ < NEAR_CANCELLATION·‖τ_core‖
         "kept_rank": dict(second.kept_rank),
         "n_keys": len(backbone),
         "n_active_keys": len(first.active),

@@ -3,28 +3,36 @@
 Yadav, Tam, Choshen, Raffel, Bansal, "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023
 (arXiv 2306.01708). With task vectors τᵢ = θᵢ − θ₀ (i = 1..N), each flattened over the WHOLE backbone (D entries):
 
-1. trim      tᵢ = the k-th largest |τᵢ| over all D entries, k = max(1, ⌊density·D⌋);  τ̂ᵢ = τᵢ · [|τᵢ| ≥ tᵢ]
+1. trim      tᵢ = the k-th smallest |τᵢ| over all D entries, k = D − ⌊density·D⌋;  τ̂ᵢ = τᵢ · [|τᵢ| ≥ tᵢ]
+             i.e. tᵢ is the (⌊density·D⌋ + 1)-th largest |τᵢ| and a task keeps ⌊density·D⌋ + 1 entries when no two
+             magnitudes tie (τ = [1 … 10], density 0.2: keeps 8, 9, 10). density = 1 keeps everything (tᵢ = min|τᵢ|).
              (`trim_scope="global"`, the paper's reading: one threshold per task; `"per_tensor"`: one per task and
-             key, k = max(1, ⌊density·Pˡ⌋) over that key's Pˡ entries, as several public re-implementations do)
-2. elect     γ = sign(Σᵢ τ̂ᵢ) per entry
+             key, the same rule over that key's Pˡ entries, as several public re-implementations do)
+2. elect     γ = sign(Σᵢ τ̂ᵢ) per entry; where Σᵢ τ̂ᵢ = 0 exactly, γ = the majority sign, sign(Σ_entries γ), over the
+             whole task vector (both trim scopes)
 3. merge     Aₚ = {i : sign(τ̂ᵢₚ) = γₚ};  τ*ₚ = (1/|Aₚ|) Σ_{i∈Aₚ} τ̂ᵢₚ  (`merge_fn="disjoint_mean"`), or the disjoint sum
-             Σ_{i∈Aₚ} τ̂ᵢₚ (`merge_fn="sum"`)
+             Σ_{i∈Aₚ} τ̂ᵢₚ (`merge_fn="sum"`); an empty Aₚ gives 0
 4.           θ* = θ₀ + λ·τ*, heads averaged. density = 0.2 (a fraction in (0, 1], never a percent), λ = 1.0.
 
-Decided here (the paper is silent):
-- ties at the threshold: every entry with |τᵢ| = tᵢ is kept, so a task keeps at least k entries and more when
-  several share the k-th magnitude (`kept_fraction` in the diagnostics says how many). If fewer than k entries are
-  non-zero, tᵢ = 0 and every non-zero entry is kept.
-- an entry whose trimmed values sum to exactly zero (e.g. +a and −a) has no elected sign and merges to 0.
+Steps 1–3 follow the TIES authors' code (`topk_values_mask`, `resolve_sign` with "majority", `disjoint_merge`; the
+same in fusion_bench) bit for bit on the same flattened task vectors:
+- ⌊density·D⌋ is the floor of the float64 product, like their `int(d * K)` (so ⌊0.29·100⌋ = 28 there and here);
+- ties at the threshold: every entry with |τᵢ| = tᵢ is kept (their `>=`), so a task keeps more than ⌊density·D⌋ + 1
+  entries when several share the threshold magnitude (`kept_fraction` in the diagnostics says how many);
+- an entry whose trimmed values sum to exactly zero (e.g. +a and −a) takes the majority sign; if the majority is
+  itself a tie (as many positive as negative elected entries), their selection rule keeps the negative values there,
+  and so does this module.
 - D counts every floating entry of θ₀, including keys no specialist changed (their τ is 0).
+Tests: tests/test_peer_agreement.py checks both scopes against a dense re-implementation of the authors' algorithm.
 
 Streaming, exact global threshold (D can be 3·10⁸, so τ is never concatenated): |τ| ≥ 0 is a float64 whose IEEE bit
 pattern, read as an int64, orders like its value. Pass 1 histograms the top 19 bits of that pattern (11 exponent
 bits, 8 mantissa bits: 2¹⁹ bins, each 1/256 of an octave wide) per task, with exact int64 counts; the bin that holds
 the k-th largest value follows from the cumulative counts from the top. Pass 2 gathers only the entries that fall in
 that bin (≈0.3 % of D for fine-tune-like magnitudes) and takes the exact (k − count above)-th largest among them.
-Pass 3 trims with those thresholds and merges, key by key. Each specialist is read three times (once with
-`trim_scope="per_tensor"`, where every threshold is local to its key).
+Pass 3 trims with those thresholds and merges, key by key; the few entries whose elected sign is 0 remember their
+positive-sign value and are patched once the majority sign is known at the end of the pass. Each specialist is read
+three times (once with `trim_scope="per_tensor"`, where every threshold is local to its key).
 """
 
 from __future__ import annotations
@@ -80,8 +88,13 @@ def validate(
 
 
 def kept_count(density: float, entries: int) -> int:
-    """k = max(1, ⌊density·D⌋); the 1e-9 guards ⌊0.29·100⌋ against 28.999999999999996."""
-    return max(1, math.floor(density * entries + 1e-9))
+    """How many of D magnitudes are at or above the threshold when none tie: min(D, ⌊density·D⌋ + 1).
+
+    The threshold is then the kept_count-th largest magnitude = the (D − ⌊density·D⌋)-th smallest, the TIES authors'
+    k. ⌊·⌋ is taken of the float64 product as their `int(d * K)` does (no rounding guard), so the counts agree with
+    theirs bit for bit. density = 1 gives D: the threshold is the smallest magnitude and every entry is kept.
+    """
+    return min(entries, math.floor(density * entries) + 1)
 
 
 def magnitude_bins(magnitudes: Tensor) -> Tensor:
@@ -94,7 +107,7 @@ class GlobalThresholds:
     """The exact per-task trim thresholds over the whole task vector, and how they were found."""
 
     thresholds: Tensor  # (N,) float64: tᵢ, the k-th largest |τᵢ|
-    k: int  # entries each task keeps at least
+    k: int  # entries each task keeps at least: ⌊density·D⌋ + 1 (at most D)
     entries: int  # D: floating entries of θ₀
     gathered: list[int] = field(default_factory=list)  # entries pass 2 gathered per task (the k-th value's bin)
     active: list[str] = field(default_factory=list)  # floating keys with some non-zero τ, in θ₀'s order
@@ -160,7 +173,7 @@ def global_thresholds(
 
 
 def per_tensor_thresholds(taus: Tensor, density: float) -> Tensor:
-    """One key's thresholds: the k-th largest |τᵢ| over its P entries, k = max(1, ⌊density·P⌋); (N, *shape) -> (N,)."""
+    """One key's thresholds: the k-th largest |τᵢ| of its P entries, k = kept_count(density, P); (N, *shape) -> (N,)."""
     flat = taus.reshape(taus.shape[0], -1).abs()
     return torch.topk(flat, kept_count(density, flat.shape[1]), dim=1).values[:, -1]
 
@@ -170,11 +183,20 @@ def per_tensor_thresholds(taus: Tensor, density: float) -> Tensor:
 
 @dataclass
 class TrimStats:
-    """Counts accumulated while merging (over every key), for the diagnostics."""
+    """Counts accumulated while merging (over every key), for the diagnostics and the majority sign."""
 
     kept: Tensor  # (N,) int64: non-zero entries that survive trimming, per task
     support: int = 0  # entries where some trimmed τ̂ᵢ is non-zero
     conflicts: int = 0  # entries where the trimmed values have both signs
+    positive: int = 0  # entries whose elected sign sign(Σᵢ τ̂ᵢ) is +1
+    negative: int = 0  # ... is −1
+    # entries with some non-zero τ̂ᵢ whose Σᵢ τ̂ᵢ is exactly 0, by key: (flat indices, their τ* if γ = +1 (before λ))
+    undecided: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    @property
+    def majority_sign(self) -> int:
+        """sign(Σ_entries γ) over every entry merged so far: +1, −1, or 0 for a tie."""
+        return (self.positive > self.negative) - (self.positive < self.negative)
 
 
 def trim(taus: Tensor, thresholds: Tensor) -> Tensor:
@@ -183,19 +205,60 @@ def trim(taus: Tensor, thresholds: Tensor) -> Tensor:
     return torch.where(taus.abs() >= t, taus, 0.0)
 
 
-def elect_and_merge(trimmed: Tensor, merge_fn: str, stats: TrimStats | None = None) -> Tensor:
-    """Steps 2-3 on one key: (N, *shape) trimmed task vectors -> (*shape) merged τ* (before λ)."""
-    signs = torch.sign(trimmed)
-    elected = torch.sign(trimmed.sum(0))  # 0 where the trimmed values cancel exactly: that entry merges to 0
-    agree = (signs == elected) & (elected != 0)  # (N, *shape); a zero τ̂ᵢ (sign 0) never agrees
-    total = torch.where(agree, trimmed, 0.0).sum(0)
-    if stats is not None:
-        stats.kept += (signs != 0).reshape(signs.shape[0], -1).sum(1).cpu()
-        stats.support += int((signs != 0).any(0).sum())
-        stats.conflicts += int(((signs > 0).any(0) & (signs < 0).any(0)).sum())
+def disjoint_merge(trimmed: Tensor, elected: Tensor, merge_fn: str) -> Tensor:
+    """Step 3: (N, *shape) trimmed values, (*shape) elected sign -> (*shape) τ*.
+
+    Keeps the positive values where γ > 0 and the negative ones elsewhere (γ < 0, or an unresolved γ = 0), the TIES
+    authors' selection rule; a zero τ̂ᵢ is never selected.
+    """
+    selected = torch.where(elected > 0, trimmed > 0, trimmed < 0)  # (N, *shape)
+    total = torch.where(selected, trimmed, 0.0).sum(0)
     if merge_fn == "sum":
         return total
-    return total / agree.sum(0).clamp_min(1)
+    return total / selected.sum(0).clamp_min(1)
+
+
+def elect_and_merge(trimmed: Tensor, merge_fn: str, stats: TrimStats | None = None, key: str | None = None) -> Tensor:
+    """Steps 2-3 on one key: (N, *shape) trimmed task vectors -> (*shape) merged τ* (before λ).
+
+    Where Σᵢ τ̂ᵢ = 0 exactly the sign is not known yet (the majority of the whole task vector decides it): the value
+    returned there is the negative-sign one, and with ``stats`` and ``key`` the positive-sign one is stored in
+    ``stats.undecided[key]`` for `ties_merge` to patch in once the majority is known.
+    """
+    signs = torch.sign(trimmed)
+    elected = torch.sign(trimmed.sum(0))
+    merged = disjoint_merge(trimmed, elected, merge_fn)
+    if stats is not None:
+        nonzero = signs != 0
+        stats.kept += nonzero.reshape(signs.shape[0], -1).sum(1).cpu()
+        stats.support += int(nonzero.any(0).sum())
+        stats.conflicts += int(((signs > 0).any(0) & (signs < 0).any(0)).sum())
+        stats.positive += int((elected > 0).sum())
+        stats.negative += int((elected < 0).sum())
+        undecided = ((elected == 0) & nonzero.any(0)).reshape(-1)
+        if key is not None and bool(undecided.any()):
+            index = undecided.nonzero().squeeze(1)  # (U,)
+            flat = trimmed.reshape(trimmed.shape[0], -1)[:, index]  # (N, U)
+            positive = disjoint_merge(flat, torch.ones(index.numel(), dtype=flat.dtype, device=flat.device), merge_fn)
+            stats.undecided[key] = (index.cpu(), positive.cpu())
+    return merged
+
+
+def resolve_undecided(backbone: dict[str, Tensor], theta0: StateDict, stats: TrimStats, lam: float) -> int:
+    """Give the entries whose Σᵢ τ̂ᵢ was exactly 0 the majority sign (in place); returns how many there were.
+
+    Majority −1 or a tie: the negative-sign values `elect_and_merge` wrote stay. Majority +1: θ₀ + λ·(positive-sign
+    value), rounded once to θ₀'s dtype like every other entry.
+    """
+    count = sum(int(index.numel()) for index, _ in stats.undecided.values())
+    if stats.majority_sign > 0:
+        for key, (index, positive) in stats.undecided.items():
+            reference = theta0[key].reshape(-1)
+            flat = backbone[key].view(-1)  # apply_delta's output is contiguous: a view, written in place
+            index = index.to(flat.device)
+            patched = reference[index].to(torch.float64) + lam * positive.to(device=flat.device, dtype=torch.float64)
+            flat[index] = patched.to(flat.dtype)
+    return count
 
 
 def ties_merge(
@@ -249,9 +312,10 @@ def ties_merge(
         t = key_thresholds(taus)
         if trim_scope == "per_tensor":
             per_key[key] = dict(zip(names, t.tolist(), strict=True))
-        return lam * elect_and_merge(trim(taus, t), merge_fn, stats)
+        return lam * elect_and_merge(trim(taus, t), merge_fn, stats, key)
 
     streamed = merge_keys(theta0, specialists, names, combine)
+    zero_sign_entries = resolve_undecided(streamed.backbone, theta0, stats, lam)
     timer.tick("merge")
     hp = dict(hyperparameters) if hyperparameters is not None else {}
     hp.update(density=float(density), lam=float(lam), trim_scope=trim_scope, merge_fn=merge_fn)
@@ -264,6 +328,8 @@ def ties_merge(
         # non-zero entries each task keeps, over D (≥ density when several entries share the k-th magnitude)
         kept_fraction=dict(zip(names, (stats.kept.to(torch.float64) / max(entries, 1)).tolist(), strict=True)),
         sign_conflict_fraction=stats.conflicts / stats.support if stats.support else 0.0,
+        majority_sign=stats.majority_sign,  # the sign given to entries whose trimmed values cancel exactly
+        zero_sign_entries=zero_sign_entries,  # how many such entries there were
     )
     return MergeResult(backbone=streamed.backbone, head=average_heads(heads), diagnostics=diagnostics), stats
 

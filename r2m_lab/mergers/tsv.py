@@ -15,6 +15,13 @@ while keeping every task's singular values. Flipping the sign of a pair (uⱼ, v
 V⊥, so the result does not depend on the SVD's sign choices. If N > min(m, n), Nq exceeds the dimension and U⊥ has
 orthonormal rows instead of columns (the polar factor is still the nearest partial isometry).
 
+Deliberate differences from the official code (github.com/danielm1405/iso-merging, `TSVM_utils.py`), both from
+shared/design/merging.md's definition of matrix keys: the official code SVD-merges every 2-D key except
+`text_projection`, which in open_clip layout includes the (L × d) `positional_embedding` and the visual `proj`, and it
+treats open_clip's fused `in_proj_weight` as one 3d×d matrix. Here only the weights inside attention and MLP blocks
+are matrix keys, a fused qkv is three d×d blocks (so fusion does not change the result), and timm's 3-D
+(1 × L × d) `pos_embed` is averaged (τ̄) like every other non-matrix key.
+
 The SVDs run in float32 (weights are float32 or narrower; N + 2 decompositions per matrix); the rest is float64.
 One streaming pass; one key of all N specialists in memory at a time.
 """
