@@ -470,7 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         c = convert(state)
         out(f"layout: {c.layout} ({LAYOUTS[c.layout]}); prefix stripped: {c.prefix!r}; wrapper: {wrapper!r}")
         out(
-            f"timm tensors: {len(c.tensors)}; head: {sorted(c.head) or 'none'}; extras: {c.describe()['extras_ignored']}"
+            f"timm tensors: {len(c.tensors)}; head: {sorted(c.head) or 'none'}; "
+            f"extras: {c.describe()['extras_ignored']}"
         )
         out(f"unrecognised keys: {_names(c.unknown) if c.unknown else 'none'}")
         return 0

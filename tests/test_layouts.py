@@ -117,7 +117,7 @@ def test_hf_clip_vision_model_files_of_both_transformers_generations(tmp_path):
 
 @torch.no_grad()
 def test_open_clip_checkpoint_gives_encode_image_before_its_projection(tmp_path):
-    """open_clip's full CLIP (OpenAI layout), saved from DataParallel (module.): features @ visual.proj = encode_image."""
+    """open_clip's full CLIP (OpenAI layout) from DataParallel (module.): features @ visual.proj = encode_image."""
     torch.manual_seed(0)
     vision = open_clip.CLIPVisionCfg(layers=DEPTH, width=WIDTH, head_width=WIDTH // HEADS, patch_size=PATCH)
     vision.image_size, vision.mlp_ratio = IMAGE, MLP / WIDTH
