@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -156,7 +157,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
             f"and set backbone.weights.path={out}"
         )
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
+        obj = _torch_load(file)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise NotAStateDict(
@@ -180,11 +181,32 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     return dict(obj), wrapper.rstrip("/")
 
 
+def _torch_load(file: Path) -> Any:
+    # Memory-mapped where the file allows it (torch.save's zip format): a 1.2 GB checkpoint is not read twice over.
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(file, map_location="cpu", weights_only=True)  # the legacy (pre-1.6) format
+
+
+def file_layout(path: str | Path) -> str:
+    """The layout of a weight file, from its keys (safetensors: the header only; others: memory-mapped)."""
+    file = Path(path).expanduser()
+    if file.suffix == ".safetensors":
+        with safe_open(str(file), framework="pt") as handle:
+            keys = list(handle.keys())
+    else:
+        keys = list(read_state_dict(file)[0])
+    return detect_layout(strip_prefix(dict.fromkeys(keys))[0])
+
+
 def _all_tensors(obj: Mapping[str, Any]) -> bool:
     return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def strip_prefix(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+def strip_prefix(state: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     """Remove whole-model prefixes (``module.``...) shared by every key; returns the state and what was stripped."""
     stripped = ""
     state = dict(state)
