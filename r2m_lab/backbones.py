@@ -1,8 +1,9 @@
 """Backbones through timm: the tiny CPU ViT and the CLIP image towers, with weights from a local file.
 
 Nothing here touches the network unless the config says ``weights.hub: true``. A local file may be safetensors or a
-``torch.load``-able state dict (loaded with ``weights_only=True``); timm's checkpoint filter converts OpenAI CLIP and
-open_clip layouts to its own keys.
+``torch.load``-able state dict (loaded with ``weights_only=True``) in any layout of :mod:`r2m_lab.layouts` (OpenAI
+CLIP, open_clip, timm, Hugging Face CLIP, DeepfakeBench/DF40 CLIP detectors); r2m_lab converts it to timm's keys
+itself and refuses a file that does not fill the model exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import timm
 import torch
 from torch import nn
 
+from r2m_lab.layouts import load_backbone_file
+
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
@@ -24,9 +27,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 def create_backbone(cfg: Mapping[str, Any], load_weights: bool = True) -> nn.Module:
     """Build the timm feature extractor (``num_classes=0``) that ``cfg`` (a ``conf/backbone/*.yaml``) describes.
 
-    With ``load_weights`` the configured pretrained weights are loaded: ``weights.path`` (a local file) first, then the
-    hub if ``weights.hub`` allows it. A backbone whose config names ``weights.required: true`` and gets neither stops
-    with a message that says how to provide them (a random CLIP is never used silently).
+    With ``load_weights`` the configured pretrained weights are loaded: ``weights.path`` (a local file, converted and
+    checked key by key by :func:`r2m_lab.layouts.load_backbone_file`) first, then the hub if ``weights.hub`` allows
+    it. A backbone whose config names ``weights.required: true`` and gets neither stops with a message that says how
+    to provide them (a random CLIP is never used silently). A loaded file's provenance (path, sha256, layout) is kept
+    as the model's ``r2m_weights_source`` attribute for θ₀'s card.
     """
     kwargs = dict(cfg.get("kwargs") or {})
     weights = cfg.get("weights") or {}
@@ -41,11 +46,14 @@ def create_backbone(cfg: Mapping[str, Any], load_weights: bool = True) -> nn.Mod
                 f"safetensors or state-dict file ({', '.join(WEIGHT_SUFFIXES)}), e.g. open_clip's "
                 "open_clip_pytorch_model.bin or timm's model.safetensors."
             )
-        # timm loads the file and runs the model's checkpoint filter (OpenAI CLIP / open_clip -> timm keys).
-        model = timm.create_model(
-            cfg["model"], pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(file)}, **kwargs
-        )
-        log.info("Loaded %s weights from %s", cfg["name"], file)
+        if weights.get("pretext"):
+            # θ₀ would be the pretext's training on top of the file: neither what the file holds nor a pretext θ₀.
+            raise ValueError(
+                f"backbone {cfg['name']} has both weights.path={file} and a weights.pretext; θ₀ is one or the other. "
+                "Set backbone.weights.pretext=null to use the file as θ₀, or drop backbone.weights.path."
+            )
+        model = timm.create_model(cfg["model"], pretrained=False, num_classes=0, **kwargs)
+        model.r2m_weights_source = load_backbone_file(model, file, f"backbone={cfg['name']} ({cfg['model']})")
         return model
     if weights.get("hub"):
         log.warning("Downloading %s weights from the hub (backbone.weights.hub=true)", cfg["name"])
@@ -53,8 +61,8 @@ def create_backbone(cfg: Mapping[str, Any], load_weights: bool = True) -> nn.Mod
     if weights.get("required"):
         raise FileNotFoundError(
             f"Backbone {cfg['name']} ({cfg['model']}) needs pretrained weights and none were given. Set "
-            f"backbone.weights.path=/path/to/weights (safetensors or state dict; OpenAI CLIP, open_clip or timm "
-            "layout), or backbone.weights.hub=true to let timm download them."
+            f"backbone.weights.path=/path/to/weights (safetensors or state dict; OpenAI CLIP, open_clip, timm or "
+            "Hugging Face CLIP layout), or backbone.weights.hub=true to let timm download them."
         )
     return timm.create_model(cfg["model"], pretrained=False, num_classes=0, **kwargs)
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from r2m_lab.backbones import create_backbone, make_head
-from r2m_lab.weights import Checkpoint, LazyStateDict, save_detector, state_dict_hash, write_card
+from r2m_lab.weights import Checkpoint, LazyStateDict, provenance, save_detector, state_dict_hash, write_card
 
 # A CLIP-architecture ViT at toy width, so the real loading path runs without a download.
 TOY_CLIP = {
@@ -128,5 +128,36 @@ class NotWeights:
 def test_pickled_objects_in_a_weights_file_are_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"cls_token": NotWeights()}, path)
-    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+    with pytest.raises(ValueError, match=r"pickled Python objects.*weights_only=True"):
         create_backbone({**TOY_CLIP, "weights": {**TOY_CLIP["weights"], "path": str(path)}})
+
+
+def test_provenance_names_file_hash_and_layout(tmp_path):
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"abc")
+    info = provenance(path, "timm", prefix="")
+    # sha256("abc"), as sha256sum prints it
+    assert info["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert info == {"path": str(path.resolve()), "bytes": 3, "sha256": info["sha256"], "layout": "timm", "prefix": ""}
+    path.write_bytes(b"abcd")  # a changed file is hashed again (size/mtime key), not served from the cache
+    assert provenance(path, "timm")["sha256"] != info["sha256"]
+
+
+def test_a_weights_file_and_a_pretext_are_not_combined(tmp_path):
+    source = timm.create_model(TOY_CLIP["model"], pretrained=False, num_classes=0, **TOY_CLIP["kwargs"])
+    path = tmp_path / "w.safetensors"
+    save_file(source.state_dict(), str(path))
+    cfg = {**TOY_CLIP, "weights": {**TOY_CLIP["weights"], "path": str(path), "pretext": {"steps": 4}}}
+    with pytest.raises(ValueError, match="backbone.weights.pretext=null"):
+        create_backbone(cfg)
+
+
+def test_smoke_keeps_a_clip_backbone_and_its_weights(make_cfg):
+    """debug=smoke shrinks the tiny ViT (and gives it a 4-step pretext) but leaves a CLIP's size and file alone."""
+    tiny = make_cfg()
+    assert tiny.backbone.kwargs.embed_dim == 24 and tiny.backbone.weights.pretext.steps == 4
+    assert make_cfg(smoke=False).backbone.kwargs.embed_dim == 96
+    clip = make_cfg("backbone=clip_vit_l14", "backbone.weights.path=/models/ViT-L-14.safetensors")
+    assert clip.backbone.weights.path == "/models/ViT-L-14.safetensors" and clip.backbone.weights.pretext is None
+    assert clip.backbone.kwargs == {} and clip.backbone.input_size == 224
+    assert clip.backbone.recipe.max_steps == 3  # the run is still short

@@ -19,6 +19,7 @@ STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "evaluate": evaluate,
     "pipeline": pipeline,
     "preprocess": preprocess,
+    "import": __import__("r2m_lab.stages.import_ckpt", fromlist=["import_checkpoints"]).import_checkpoints,
 }
 
 
