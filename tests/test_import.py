@@ -9,8 +9,9 @@ from safetensors.torch import save_file
 
 from r2m_lab.layouts import WeightsMismatch
 from r2m_lab.stages import STAGES
-from r2m_lab.stages.common import base_path, build_detector, specialist_names, specialist_path
+from r2m_lab.stages.artifacts import base_path, specialist_names, specialist_path
 from r2m_lab.stages.merge import merge
+from r2m_lab.stages.models import load_detector
 from r2m_lab.weights import Checkpoint, file_sha256
 
 transformers = pytest.importorskip("transformers")
@@ -106,7 +107,7 @@ def test_import_then_merge_average(make_cfg, released):
         assert card["base_source"]["sha256"] == file_sha256(theta0_file) and card["base_source"]["layout"] == "hf_clip"
         assert card["threshold"] == 0.5 and summary["specialists"][name]["reused"] is False
         with torch.no_grad():
-            ours = build_detector(cfg, ckpt).eval()(x)
+            ours = load_detector(cfg, ckpt).eval()(x)
         torch.testing.assert_close(ours, hf_detector_logits(backbone, head, x))
 
     # The real merge stage on the imported specialists: average = the mean of the released weights.
@@ -118,7 +119,7 @@ def test_import_then_merge_average(make_cfg, released):
     }
     mean_head = {k: torch.stack([d[2][k] for d in detectors.values()]).mean(0) for k in ("weight", "bias")}
     with torch.no_grad():
-        ours = build_detector(merge_cfg, merged).eval()(x)
+        ours = load_detector(merge_cfg, merged).eval()(x)
     torch.testing.assert_close(ours, hf_detector_logits(mean_backbone, mean_head, x), rtol=1e-5, atol=1e-5)
     assert card["base_hash"] == base.base_hash
 

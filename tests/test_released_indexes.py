@@ -444,7 +444,7 @@ def test_e4e_reads_df40_protocol_file_or_its_rearrange_name(tmp_path, caplog):
 def test_finetune_refuses_a_one_class_index_without_balancing(tmp_path):
     """The issue's case: DF40's CLIP recipe has balanced=false, and a per-method index with no real in train."""
     from r2m_lab.stages import run_stage
-    from r2m_lab.stages.common import specialist_path
+    from r2m_lab.stages.artifacts import specialist_path
 
     df40_method_tree(tmp_path / "data", train_reals=False, val=True)
     over = ["stage=finetune", "data=df40_method", "data.method=simswap", "backbone.recipe.balanced=false"]

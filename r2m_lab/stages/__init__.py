@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from r2m_lab.stages.evaluate import evaluate
 from r2m_lab.stages.finetune import finetune
+from r2m_lab.stages.import_ckpt import import_checkpoints
 from r2m_lab.stages.merge import merge
 from r2m_lab.stages.pipeline import pipeline
 from r2m_lab.stages.preprocess import preprocess
@@ -19,7 +20,7 @@ STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "evaluate": evaluate,
     "pipeline": pipeline,
     "preprocess": preprocess,
-    "import": __import__("r2m_lab.stages.import_ckpt", fromlist=["import_checkpoints"]).import_checkpoints,
+    "import": import_checkpoints,
 }
 
 

@@ -21,7 +21,9 @@ from omegaconf import DictConfig
 from r2m_lab.atomic import write_json_atomic
 from r2m_lab.backbones import create_backbone
 from r2m_lab.layouts import DETECTOR_LAYOUTS, LAYOUTS, check, convert, file_layout, read_state_dict
-from r2m_lab.stages.common import ensure_base, output_dir, plain, specialist_names, specialist_path
+from r2m_lab.stages.artifacts import output_dir, specialist_names, specialist_path
+from r2m_lab.stages.base_model import ensure_base
+from r2m_lab.stages.config_nodes import plain
 from r2m_lab.weights import Checkpoint, provenance, save_detector, write_card
 
 log = logging.getLogger(__name__)
