@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ from r2m_lab.stages import run_stage
 from r2m_lab.stages.artifacts import base_path, merged_path, specialist_path
 from r2m_lab.weights import Checkpoint, save_detector
 from tests.conftest import compose_config
+from tests.test_report import rank_auc
 
 
 def test_specialists_share_theta0_and_head_init(trained_root):
@@ -62,7 +64,11 @@ def test_merge_and_evaluate_stages(trained_root, tmp_path):
     assert set(tests) == {n for names in report["protocols"].values() for n in names}
     for name, metrics in tests.items():
         assert set(metrics) == {"frame", "video"}
-        assert 0.0 <= metrics["frame"]["auc"] <= 1.0, name
+        # the AUC is the one of the scores written beside it (an independent rank count), not merely a number
+        with (out / "scores" / label.replace(":", "-") / f"{name.replace('/', '__')}.csv").open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        scores, labels = np.array([float(r["score"]) for r in rows]), np.array([int(r["label"]) for r in rows])
+        assert metrics["frame"]["auc"] == pytest.approx(rank_auc(scores, labels), abs=1e-6), name
     assert (out / "metrics.json").is_file() and (out / "results.md").is_file()
     assert (out / "table_auc_frame.csv").is_file() and (out / "plots" / "auc_frame.png").is_file()
     assert list((out / "scores").rglob("*.csv"))
@@ -150,7 +156,12 @@ def test_evaluate_any_trained_model(trained_root, tmp_path, model):
     cfg = compose_config(trained_root, ["stage=evaluate", f"stage.model={model}", f"paths.output_dir={tmp_path}"])
     report = run_stage(cfg)
     assert list(report["models"]) == [model]
-    assert (tmp_path / "results.md").read_text().count(model) >= 1
+    name = cfg.benchmark.joint.name if model == "joint" else model.split(":", 1)[1]
+    assert report["models"][model]["checkpoint"] == str(specialist_path(cfg, name))
+    # one row in the summary table and one in each protocol's table, beyond the title line that names the model
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    assert lines[0] == f"# {model} on synthetic"
+    assert sum(line.startswith(f"| {model} |") for line in lines) == 1 + len(cfg.benchmark.protocols)
 
 
 def test_evaluate_names_the_command_for_a_missing_model(tmp_path):

@@ -22,11 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from r2m_lab.atomic import write_json_atomic
-from r2m_lab.data.loaders import FrameDataset, build_transform, eval_loader
 from r2m_lab.data.sources import FrameSet
-from r2m_lab.detector import score_frames
 from r2m_lab.evaluation import plots
 from r2m_lab.evaluation.metrics import frame_metrics
+from r2m_lab.evaluation.scoring import UniqueFrameScorer
 from r2m_lab.stages.artifacts import merged_path, output_dir, specialist_names, specialist_path
 from r2m_lab.stages.base_model import require_base
 from r2m_lab.stages.config_nodes import fingerprint, plain
@@ -267,17 +266,12 @@ def select_and_merge(
             card = Checkpoint(chosen_path).card()
             card["selection"]["plot"] = str(plot_selection(cfg, name, card["selection"]))  # this run's folder too
             return card
-    curve, best, best_result, loader = [], -1, None, None
+    curve, best, best_result = [], -1, None
+    scorer = UniqueFrameScorer({"validation": val}, int(cfg.eval_batch_size), device)  # shared real frames: once
     for i, (point, point_cfg) in enumerate(tqdm(list(zip(grid, points, strict=True)), desc=f"select {name}")):
         result = _run_merger(point_cfg, base, specialists)
         model = detector_from_state(cfg, result.backbone, result.head)
-        if loader is None:  # the pooled sets share their real frames: score each distinct frame once
-            _, first, inverse = np.unique(val.keys, return_index=True, return_inverse=True)
-            unique = FrameDataset(
-                val.subset(first, "validation/unique"), build_transform(model_input_config(cfg, model))
-            )
-            loader = eval_loader(unique, int(cfg.eval_batch_size))
-        scores = score_frames(model, loader, device)[inverse]  # (F,) back in pooled order
+        scores = scorer(model, model_input_config(cfg, model))["validation"]  # (F,) in pooled order
         auc = frame_metrics(scores, val.labels)["auc"]
         curve.append({**point, "val_auc": auc})
         log.info("select %s %s: validation AUC %.4f", name, point, auc)

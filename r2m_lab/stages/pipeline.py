@@ -89,7 +89,7 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         reduction=str(ensemble.reduction) if ensemble is not None else "mean",
     )
     order = [*members, "joint", "ensemble", *(m for m in mergers if m not in REFERENCE_MERGERS)]
-    report["models"] = {m: report["models"][m] for m in order if m in report["models"]}
+    report = report.reordered(order)
     extra = {
         "stage": "pipeline",
         "backbone": str(cfg.backbone.name),
@@ -99,6 +99,8 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         "timings_seconds": timings,
         "config": plain(cfg),
     }
-    write_report(cfg, report, title=f"{cfg.benchmark.name}: specialists, joint training and merges", extra=extra)
+    metrics = write_report(
+        cfg, report, title=f"{cfg.benchmark.name}: specialists, joint training and merges", extra=extra
+    )
     log.info("Timings (s): %s", timings)
-    return report
+    return metrics
