@@ -23,10 +23,9 @@ from r2m_lab.data.sources import FrameSet
 from r2m_lab.detector import score_frames
 from r2m_lab.evaluation import plots, tables
 from r2m_lab.evaluation.metrics import evaluate_scores, fit_threshold, video_scores
-from r2m_lab.mergers.ensemble import merge as combine_outputs
 from r2m_lab.stages.artifacts import merged_path, output_dir, specialist_names, specialist_path
 from r2m_lab.stages.loggers import build_logger, close_logger
-from r2m_lab.stages.merger_config import is_reference, merger_name, validate_merger
+from r2m_lab.stages.merger_config import merger_name
 from r2m_lab.stages.models import load_detector, model_input_config, resolve_device
 from r2m_lab.weights import Checkpoint
 
@@ -44,13 +43,8 @@ def evaluate_model(
     cfg: DictConfig, spec: str, label: str | None = None, extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Evaluate one model spec (see :func:`evaluate`) and write the report; ``extra`` goes into metrics.json."""
-    if spec == "merged" and is_reference(cfg.merger):
-        spec = merger_name(cfg.merger)
     if spec == "ensemble":
-        reduction = "mean"  # stage.model=ensemble with another merger config: the default reduction
-        if merger_name(cfg.merger) == "ensemble":
-            validate_merger(cfg, cfg.merger)
-            reduction = str(cfg.merger.reduction)
+        reduction = "mean"
         members = {f"specialist:{n}": resolve_model(cfg, f"specialist:{n}")[1] for n in specialist_names(cfg)}
         report = evaluate_models(cfg, members, ensemble=list(members), reduction=reduction)
         title = f"ensemble of {len(members)} specialists on {cfg.benchmark.name}"
@@ -135,7 +129,7 @@ def evaluate_models(
         kept[label] = per_set  # (small: one float per frame) for the ensemble and the ROC plots
     if ensemble:
         # The output ensemble: mean (or median / max) P(fake) of the specialists, N× the inference cost of one model.
-        per_set = {n: combine_outputs([kept[m][n] for m in ensemble], reduction=reduction) for n in names}
+        per_set = {n: getattr(np, reduction)(np.stack([kept[m][n] for m in ensemble]), axis=0) for n in names}
         kept["ensemble"] = per_set
         source = f"{reduction} of " + ", ".join(ensemble)
         models["ensemble"] = _metrics_for("ensemble", per_set, sets, protocols, out, source)
