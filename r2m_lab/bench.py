@@ -230,6 +230,13 @@ def markdown(rows: list[dict], machine: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_mergers() -> list[str]:
+    """Every merger in the project's ``conf/merger/`` (what ``--merger`` defaults to)."""
+    from r2m_lab.mergers import merger_names
+
+    return merger_names([REPO / "conf"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m r2m_lab.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS), choices=list(ARCHS))
@@ -250,9 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from r2m_lab.atomic import write_json_atomic, write_text_atomic
-    from r2m_lab.mergers import merger_names
 
-    mergers = args.merger or merger_names([REPO / "conf"])
+    mergers = args.merger or default_mergers()
     import torch
 
     machine = {
