@@ -60,7 +60,7 @@ def test_pipeline_runs_every_merger_that_exists(tmp_path):
     plan = plan_pipeline(compose_config(tmp_path))
     files = {f.stem for f in (CONF / "merger").glob("*.yaml")}
     assert set(plan.mergers) == files and merger_names() == sorted(files)
-    assert plan.reference_rows == ["ensemble", "joint"] and not set(plan.reference_rows) & files
+    assert plan.reference_rows == ["joint", "ensemble"] and not set(plan.reference_rows) & files
     # each merger brings its own validation grid (or declares it has none)
     assert plan.grids == {n: g for n in files if (g := selection_grid(load_merger_config(n)))}
     assert plan.grids["task_arithmetic"] == {"lam": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]} and "average" not in plan.grids
