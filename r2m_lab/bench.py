@@ -3,10 +3,11 @@
 Not a test: it writes ``<out>/merge_report.{md,json}`` and prints the Markdown table. For each architecture
 (CLIP ViT-B/16, ViT-L/14 by default; random weights, built by timm without any download) it writes θ₀ and N
 specialists θᵢ = θ₀ + τᵢ as r2m_lab detector checkpoints (cached under ``<out>/fixtures``), then runs each merger in a
-fresh subprocess exactly as ``stage=merge`` does: the merger's config composed from ``conf/merger/<name>.yaml``,
-specialists streamed from their safetensors files, the merged detector saved atomically. The child's peak RSS
-(VmHWM) covers the interpreter, the reads, the merge and the save; a "read" row (every tensor
-of the N + 1 files read once and dropped) is the floor that merges reading the files once are compared with.
+fresh subprocess exactly as ``stage=merge`` does: the merger's config composed from ``conf/merger/<name>.yaml``
+(every merger there by default, `r2m_lab.mergers.merger_names`), specialists streamed from their safetensors files,
+the merged detector saved atomically. The child's peak RSS (VmHWM) covers the interpreter, the reads, the merge and
+the save; a "read" row (every tensor of the N + 1 files read once and dropped) is the floor that merges reading the
+files once are compared with.
 
 The task vectors are a shared random direction plus an individual one per specialist, each a low-rank matrix plus
 dense noise on the matrix keys (fine-tuning updates are approximately low-rank), at 1e-3 of θ₀'s scale, so R²M's
@@ -113,14 +114,15 @@ def build_fixtures(arch: str, n: int, root: Path) -> tuple[Path, list[Path]]:
 
 
 # ------------------------------------------------------------------------------------------------------- one job
-def _merger_fn(name: str, overrides: Sequence[str]) -> Any:
-    """The merger exactly as ``stage=merge merger=<name>`` builds it (the project's config, composed)."""
+def _merger_fn(name: str, overrides: Sequence[str], n_tasks: int) -> Any:
+    """The merger exactly as ``stage=merge merger=<name>`` builds it (the project's config, composed), checked."""
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
+
+    from r2m_lab.mergers import build_merger
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"merger={name}", *overrides])
-    return instantiate(cfg.merger)
+    return build_merger(cfg.merger, n_tasks=n_tasks)
 
 
 def run_job(merger: str, base: Path, specialists: Sequence[Path], device: str, overrides: Sequence[str]) -> dict:
@@ -143,7 +145,7 @@ def run_job(merger: str, base: Path, specialists: Sequence[Path], device: str, o
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return {"merge_s": time.perf_counter() - start, "save_s": 0.0, "peak_rss_gb": _peak_rss_gb()}
-    fn = _merger_fn(merger, overrides)
+    fn = _merger_fn(merger, overrides, len(opened))
     result = fn(theta0.backbone, {n: c.backbone for n, c in opened.items()}, {n: c.head for n, c in opened.items()})
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -228,11 +230,18 @@ def markdown(rows: list[dict], machine: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_mergers() -> list[str]:
+    """Every merger in the project's ``conf/merger/`` (what ``--merger`` defaults to)."""
+    from r2m_lab.mergers import merger_names
+
+    return merger_names([REPO / "conf"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m r2m_lab.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS), choices=list(ARCHS))
     parser.add_argument("--n", nargs="+", type=int, default=[3, 6], help="numbers of specialists")
-    parser.add_argument("--merger", nargs="+", default=None, help="default: every conf/merger/*.yaml that merges")
+    parser.add_argument("--merger", nargs="+", default=None, help="default: every merger in conf/merger/")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:1 ...")
     parser.add_argument("--out", type=Path, default=REPO / "bench", help="report and cached fixtures")
     parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides for every merger")
@@ -248,11 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from r2m_lab.atomic import write_json_atomic, write_text_atomic
-    from r2m_lab.stages.merger_config import REFERENCE_MERGERS
 
-    mergers = args.merger or sorted(
-        p.stem for p in (REPO / "conf" / "merger").glob("*.yaml") if p.stem not in REFERENCE_MERGERS
-    )
+    mergers = args.merger or default_mergers()
     import torch
 
     machine = {

@@ -1,4 +1,4 @@
-"""The merge stage around the math: config-time refusals, validation-only selection, the reference rows."""
+"""The merge stage around the math: config-time refusals, validation-only selection; the pipeline's reference rows."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from r2m_lab.mergers import ensemble, joint
 from r2m_lab.stages import run_stage
 from r2m_lab.stages.artifacts import specialist_path
+from r2m_lab.stages.pipeline import task_vector_geometry
 from r2m_lab.weights import Checkpoint, LazyStateDict, save_detector
 from tests.conftest import compose_config
 
@@ -34,7 +34,7 @@ def root(trained_root: Path, tmp_path: Path) -> Path:
         (["merger=r2m", "merger.k=5"], "k=5 exceeds the number of specialists N=4"),
         (["merger=r2m", "merger.eta_mode=sideways"], "eta_mode must be one of"),
         (["merger=task_arithmetic", "merger.lam=nan"], "lam must be a finite number"),
-        (["merger=ensemble", "merger.reduction=mode"], "reduction must be one of"),
+        (["merger=ties", "merger.density=20"], "density must be a fraction"),
         (["merger=task_arithmetic", "+merger.lamda=0.5"], "merger=task_arithmetic: .*lamda"),
     ],
 )
@@ -46,7 +46,7 @@ def test_bad_knobs_are_refused_before_any_checkpoint_is_read(tmp_path, overrides
 
 
 def test_pipeline_checks_every_merger_before_training(tmp_path):
-    cfg = compose_config(tmp_path, ["stage.mergers.r2m.rank_ratio=2.0"])
+    cfg = compose_config(tmp_path, ["+stage.merger_overrides.r2m.rank_ratio=2.0"])
     with pytest.raises(ValueError, match="rank_ratio"):
         run_stage(cfg)
     assert not (tmp_path / "artifacts").exists(), "nothing trained before the knob check"
@@ -132,10 +132,9 @@ def test_pipeline_selects_each_grid_on_validation(tmp_path):
     cfg = compose_config(
         tmp_path,
         [
-            "stage.select.task_arithmetic={lam:[0.2,0.6]}",
-            "~stage.select.r2m",
-            "~stage.mergers.r2m",
-            "~stage.mergers.joint",
+            "stage.mergers=[average,task_arithmetic]",
+            "+stage.select.task_arithmetic={lam:[0.2,0.6]}",
+            "stage.reference_rows=[ensemble]",
         ],
     )
     report = run_stage(cfg)
@@ -143,62 +142,47 @@ def test_pipeline_selects_each_grid_on_validation(tmp_path):
     assert metrics["merges"]["task_arithmetic"]["selection"]["grid"] == {"lam": [0.2, 0.6]}
     assert "selection" not in metrics["merges"]["average"]
     assert "joint" not in report["models"] and not specialist_path(cfg, "synthetic_joint").exists()
-    assert "ensemble" in report["models"]
+    assert "joint" not in metrics["reference_rows"] and metrics["reference_rows"]["ensemble"]["reduction"] == "mean"
+    assert list(report["models"])[-3:] == ["ensemble", "average", "task_arithmetic"]
 
 
 def test_pipeline_refuses_a_grid_for_a_merger_it_does_not_run(tmp_path):
-    cfg = compose_config(tmp_path, ["~stage.mergers.r2m"])
+    cfg = compose_config(tmp_path, ["stage.mergers=[average]", "+stage.select.r2m={eta:[1.0]}"])
     with pytest.raises(ValueError, match="~stage.select.r2m"):
         run_stage(cfg)
+    assert not (tmp_path / "artifacts").exists(), "nothing trained before the check"
 
 
 # ------------------------------------------------------------------------------------------- reference rows
-def test_ensemble_reductions():
-    scores = [np.array([0.1, 0.9, 0.5]), np.array([0.3, 0.7, 0.0]), np.array([0.2, 0.2, 1.0])]
-    np.testing.assert_allclose(ensemble.merge(scores), [0.2, 0.6, 0.5])
-    np.testing.assert_allclose(ensemble.merge(scores, reduction="median"), [0.2, 0.7, 0.5])
-    np.testing.assert_allclose(ensemble.merge(scores, reduction="max"), [0.3, 0.9, 1.0])
-    with pytest.raises(ValueError, match="at least one"):
-        ensemble.merge([])
-
-
-def test_joint_reference_returns_the_joint_weights_and_its_geometry():
+def test_joint_geometry_relates_the_joint_task_vector_to_every_specialist():
     theta0 = {"w": torch.zeros(2, 2), "n": torch.tensor(3)}
     specialists = {
         "a": {"w": torch.tensor([[1.0, 0.0], [0.0, 0.0]]), "n": torch.tensor(3)},
         "b": {"w": torch.tensor([[0.0, 2.0], [0.0, 0.0]]), "n": torch.tensor(3)},
     }
-    heads = {n: {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)} for n in specialists}
     joint_state = {"w": torch.tensor([[1.0, 1.0], [0.0, 0.0]]), "n": torch.tensor(3)}
-    head = {"weight": torch.ones(2, 2), "bias": torch.ones(2)}
-    result = joint.merge(theta0, specialists, heads, joint=joint_state, joint_head=head)
-    assert torch.equal(result.backbone["w"], joint_state["w"]) and torch.equal(result.head["bias"], head["bias"])
-    cos = result.diagnostics["cosine_with_joint"]
+    names, cosines, facts = task_vector_geometry(theta0, specialists, joint_state)
+    assert names == ["a", "b"] and cosines == [[1.0, 0.0], [0.0, 1.0]]
+    cos = facts["cosine_with_joint"]
     assert cos["a"] == pytest.approx(2**-0.5) and cos["b"] == pytest.approx(2**-0.5)
-    assert result.diagnostics["joint_task_vector_norm"] == pytest.approx(2**0.5)
+    assert facts["joint_task_vector_norm"] == pytest.approx(2**0.5)
+    assert facts["task_vector_norms"] == {"a": pytest.approx(1.0), "b": pytest.approx(2.0)}
+    assert task_vector_geometry(theta0, specialists)[2] is None
     with pytest.raises(ValueError, match="missing keys"):
-        joint.merge(theta0, specialists, heads, joint={"w": joint_state["w"]}, joint_head=head)
+        task_vector_geometry(theta0, specialists, {"w": joint_state["w"]})
+    with pytest.raises(ValueError, match="reserved for the joint model"):
+        task_vector_geometry(theta0, {"joint": specialists["a"]}, joint_state)
 
 
-def test_merge_stage_records_the_reference_rows(root):
-    card = run_stage(compose_config(root, ["stage=merge", "merger=joint"]))
-    assert card["kind"] == "reference" and card["checkpoint"].endswith("synthetic_joint.safetensors")
-    assert set(card["diagnostics"]["cosine_with_joint"]) == {
-        "synthetic_swap",
-        "synthetic_reenact",
-        "synthetic_synthesis",
-        "synthetic_edit",
-    }
-    card = run_stage(compose_config(root, ["stage=merge", "merger=ensemble", f"paths.output_dir={root}/e"]))
-    assert card["kind"] == "reference" and len(card["specialists"]) == 4
-    assert not (root / "artifacts" / "merged").exists(), "reference rows write no weights"
-    with pytest.raises(ValueError, match="nothing to select"):
-        run_stage(compose_config(root, ["stage=merge", "merger=joint", "stage.select={lam:[1.0]}"]))
+def test_reference_rows_are_not_mergers(tmp_path):
+    for row in ("ensemble", "joint"):
+        with pytest.raises(Exception, match="Available options"):
+            compose_config(tmp_path, ["stage=merge", f"merger={row}"])
 
 
 def test_evaluate_ensemble_is_the_mean_of_the_specialists_scores(root):
     out = root / "run"
-    report = run_stage(compose_config(root, ["stage=evaluate", "merger=ensemble"]))
+    report = run_stage(compose_config(root, ["stage=evaluate", "stage.model=ensemble"]))
     members = [m for m in report["models"] if m.startswith("specialist:")]
     assert len(members) == 4 and "ensemble" in report["models"]
 
@@ -211,8 +195,8 @@ def test_evaluate_ensemble_is_the_mean_of_the_specialists_scores(root):
     np.testing.assert_allclose(scores("ensemble"), expected, rtol=1e-12)
 
 
-def test_evaluate_joint_through_the_merger_group(root):
-    report = run_stage(compose_config(root, ["stage=evaluate", "merger=joint"]))
+def test_evaluate_the_joint_model(root):
+    report = run_stage(compose_config(root, ["stage=evaluate", "stage.model=joint"]))
     assert list(report["models"]) == ["joint"]
 
 

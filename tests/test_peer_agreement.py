@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 from torch.testing import assert_close
 
-from r2m_lab.mergers import dare, iso_c, r2m, ties
+from r2m_lab.mergers import dare, r2m, ties
 from r2m_lab.mergers.task_vectors import fuse_qkv, split_qkv
-from tests.test_mergers import heads_for, perturbed, toy_theta0
+from tests.test_mergers import heads_for, perturbed, run, toy_theta0
 
 torch.set_num_threads(1)
 
@@ -90,10 +90,10 @@ def test_ties_keeps_floor_density_d_plus_one_entries(scope):
     # τ = [1 … 10], density 0.2: ⌊0.2·10⌋ + 1 = 3 entries survive, 8, 9 and 10 (the old rule kept 9 and 10)
     theta0 = {"norm.bias": torch.zeros(10, dtype=F64)}
     specialist = {"norm.bias": torch.arange(1.0, 11.0, dtype=F64)}
-    out = ties.merge(theta0, {"a": specialist}, heads_for("a"), density=0.2, trim_scope=scope).backbone["norm.bias"]
+    out = run("ties", theta0, {"a": specialist}, heads_for("a"), density=0.2, trim_scope=scope).backbone["norm.bias"]
     assert out.tolist() == [0.0] * 7 + [8.0, 9.0, 10.0]
     # DARE with combine=ties and p = 0 inherits the rule
-    out = dare.merge(theta0, {"a": specialist}, heads_for("a"), p=0.0, combine="ties", trim_scope=scope)
+    out = run("dare", theta0, {"a": specialist}, heads_for("a"), p=0.0, combine="ties", trim_scope=scope)
     assert out.backbone["norm.bias"].tolist() == [0.0] * 7 + [8.0, 9.0, 10.0]
 
 
@@ -112,7 +112,7 @@ def test_ties_edge_cases_of_the_kept_count(values, density, kept):
     theta0 = {"norm.bias": torch.zeros(len(values), dtype=F64)}
     specialists = {"a": {"norm.bias": torch.tensor(values, dtype=F64)}}
     for scope in ties.TRIM_SCOPES:
-        out = ties.merge(theta0, specialists, heads_for("a"), density=density, trim_scope=scope).backbone
+        out = run("ties", theta0, specialists, heads_for("a"), density=density, trim_scope=scope).backbone
         assert out["norm.bias"].tolist() == kept, scope
     expected = authors_ties(flat_taus(theta0, specialists), density, 1.0)
     assert expected.tolist() == kept
@@ -138,7 +138,7 @@ def ties_case(seed: int = 0) -> tuple[dict[str, Tensor], dict[str, dict[str, Ten
 @pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 1.0])
 def test_ties_global_matches_the_authors_algorithm(density, merge_fn):
     theta0, specialists = ties_case()
-    result = ties.merge(theta0, specialists, heads_for("abcd"), density=density, lam=0.8, merge_fn=merge_fn)
+    result = run("ties", theta0, specialists, heads_for("abcd"), density=density, lam=0.8, merge_fn=merge_fn)
     expected = authors_ties(flat_taus(theta0, specialists), density, 0.8, merge_fn)
     assert_close(flat_delta(result.backbone, theta0), expected, rtol=1e-12, atol=1e-12)
     if density >= 0.2:  # the planted +9/−9 entries cancel and take the majority sign (+): 9 (disjoint mean or sum)
@@ -150,7 +150,7 @@ def test_ties_global_matches_the_authors_algorithm(density, merge_fn):
 @pytest.mark.parametrize("density", [0.1, 0.3])
 def test_ties_per_tensor_matches_the_authors_mask_per_key(density):
     theta0, specialists = ties_case(seed=3)
-    result = ties.merge(theta0, specialists, heads_for("abcd"), density=density, trim_scope="per_tensor")
+    result = run("ties", theta0, specialists, heads_for("abcd"), density=density, trim_scope="per_tensor")
     # the authors' mask applied key by key, then one sign election with the majority over the whole vector
     taus = {k: torch.stack([specialists[f][k] - theta0[k] for f in "abcd"]).reshape(4, -1) for k in theta0}
     trimmed = []
@@ -176,7 +176,7 @@ def test_ties_streaming_threshold_is_the_authors_kth_value_with_ties():
 def test_dare_ties_matches_the_authors_ties_on_the_dropped_vectors():
     theta0, specialists = ties_case(seed=7)
     names = sorted(specialists)
-    result = dare.merge(theta0, specialists, heads_for(names), p=0.3, combine="ties", seed=4, density=0.3)
+    result = run("dare", theta0, specialists, heads_for(names), p=0.3, combine="ties", seed=4, density=0.3)
     dropped = torch.stack(
         [
             torch.cat(
@@ -217,7 +217,7 @@ def test_iso_c_matches_the_official_formula_for_any_n(n_tasks, alpha):
     # split q/k/v layout: there the official "every 2-D key" and r2m_lab's matrix keys are the same keys
     theta0 = {k: v.to(F64) for k, v in split_layout(toy_theta0(d=6, seed=2)).items()}
     specialists = {f"t{i}": perturbed(theta0, 10 + i) for i in range(n_tasks)}
-    result = iso_c.merge(theta0, specialists, heads_for(specialists, 6), lam=alpha).backbone
+    result = run("iso_c", theta0, specialists, heads_for(specialists, 6), lam=alpha).backbone
     expected = official_iso_c(theta0, specialists, alpha)
     for key in theta0:
         assert_close(result[key], expected[key], rtol=1e-10, atol=1e-12, msg=key)
@@ -227,7 +227,7 @@ def test_iso_c_fused_qkv_is_the_official_formula_per_block():
     # a fused qkv is three d×d matrices here (a deliberate difference): the official formula on the split layout
     theta0 = {k: v.to(F64) for k, v in toy_theta0(d=6, seed=4).items()}
     specialists = {f: perturbed(theta0, s) for f, s in [("a", 1), ("b", 2), ("c", 3)]}
-    result = iso_c.merge(theta0, specialists, heads_for(specialists, 6), lam=1.3).backbone
+    result = run("iso_c", theta0, specialists, heads_for(specialists, 6), lam=1.3).backbone
     expected = official_iso_c(split_layout(theta0), {f: split_layout(sd) for f, sd in specialists.items()}, 1.3)
     # pos_embed (1, 5, d) is not 2-D: averaged, as in the official code for a 3-D tensor
     assert_close(refuse(expected, list(theta0)), result, rtol=1e-10, atol=1e-12)
@@ -324,8 +324,8 @@ def test_r2m_fused_and_split_qkv_give_the_same_merge_under_every_knob(knobs):
         sd[qkv] = fused[qkv] + scale * (sd[qkv] - fused[qkv]) + 0.01 * torch.randn(3 * d, d, generator=g, dtype=F64)
         specialists[f] = sd
     heads = heads_for(specialists, d)
-    a = r2m.merge(fused, specialists, heads, k=2, **knobs)
-    b = r2m.merge(split_layout(fused), {f: split_layout(sd) for f, sd in specialists.items()}, heads, k=2, **knobs)
+    a = run("r2m", fused, specialists, heads, k=2, **knobs)
+    b = run("r2m", split_layout(fused), {f: split_layout(sd) for f, sd in specialists.items()}, heads, k=2, **knobs)
     assert_close(refuse(b.backbone, list(fused)), a.backbone, rtol=1e-9, atol=1e-12)
     assert a.diagnostics["core_weights"] == pytest.approx(b.diagnostics["core_weights"], rel=1e-9)
     assert a.diagnostics["eta"] == pytest.approx(b.diagnostics["eta"], rel=1e-9)
@@ -343,7 +343,7 @@ def test_r2m_matches_the_dense_float64_reference(knobs):
     d = 8
     theta0 = as_f64(toy_theta0(d=d, seed=6))
     specialists = {f: perturbed(theta0, s) for f, s in [("a", 1), ("b", 2), ("c", 3)]}
-    result = r2m.merge(theta0, specialists, heads_for(specialists, d), svd="exact", **knobs)
+    result = run("r2m", theta0, specialists, heads_for(specialists, d), svd="exact", **knobs)
     core, tau_res, eta = reference_r2m(theta0, specialists, **knobs)
     assert result.diagnostics["eta"] == pytest.approx(eta, rel=1e-10)
     for key in theta0:
@@ -372,7 +372,7 @@ def test_r2m_near_cancellation_is_float64_accurate_and_warned(caplog):
     theta0, specialists = near_cancelling_pair()
     knobs = {"eta_mode": "relative", "rank_ratio": 0.25}
     with caplog.at_level(logging.WARNING, logger="r2m_lab.mergers.r2m"):
-        result = r2m.merge(theta0, specialists, heads_for("ab", 24), svd="exact", **knobs)
+        result = run("r2m", theta0, specialists, heads_for("ab", 24), svd="exact", **knobs)
     core, tau_res, eta = reference_r2m(theta0, specialists, **knobs)
     core_norm = np.sqrt(sum((v**2).sum() for v in core.values()))
     res_norm = np.sqrt(sum((v**2).sum() for v in tau_res.values()))
@@ -388,5 +388,5 @@ def test_r2m_near_cancellation_is_float64_accurate_and_warned(caplog):
     caplog.clear()
     ordinary = {f: perturbed(theta0, s) for f, s in [("a", 1), ("b", 2), ("c", 3)]}
     with caplog.at_level(logging.WARNING, logger="r2m_lab.mergers.r2m"):
-        quiet = r2m.merge(theta0, ordinary, heads_for("abc", 24), **knobs)
+        quiet = run("r2m", theta0, ordinary, heads_for("abc", 24), **knobs)
     assert quiet.diagnostics["near_cancellation"] is False and not caplog.records

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from r2m_lab.mergers import merger_names
 from r2m_lab.stages import run_stage
 from r2m_lab.stages.artifacts import base_path, merged_path, specialist_path
 from r2m_lab.weights import Checkpoint, save_detector
@@ -115,8 +116,7 @@ def test_pipeline_end_to_end_and_reuse(tmp_path):
     out = tmp_path / "run"
     rows = list(report["models"])
     assert rows[:4] == [f"specialist:{k}" for k in cfg.benchmark.specialists]
-    merges = [m for m in cfg.stage.mergers if m not in ("joint", "ensemble")]
-    assert rows[4:] == ["joint", "ensemble", *merges]
+    assert rows[4:] == ["joint", "ensemble", *merger_names()]  # every merger in conf/merger/ (stage.mergers: all)
     metrics = json.loads((out / "metrics.json").read_text())
     cos = np.array(metrics["task_vector_cosines"]["matrix"])
     assert cos.shape == (4, 4) and np.allclose(np.diag(cos), 1.0, atol=1e-5)

@@ -7,21 +7,24 @@ plain averaging keeps the specialists' shared Real representation while attenuat
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from torch import Tensor
 
+from r2m_lab.mergers.contract import Knobs
 from r2m_lab.mergers.task_vectors import MergeResult, merge_key_by_key
 
 
-def validate() -> None:
-    """Weight averaging has no hyper-parameters: nothing to check (the merge stage calls every merger's validate)."""
+@dataclass(frozen=True)
+class Average(Knobs):
+    """Weight averaging has no knobs (conf/merger/average.yaml): nothing to check."""
 
-
-def merge(
-    theta0: Mapping[str, Tensor],
-    specialists: Mapping[str, Mapping[str, Tensor]],
-    heads: Mapping[str, Mapping[str, Tensor]],
-) -> MergeResult:
-    """θ₀ + mean τᵢ on every key (one streaming pass), heads averaged."""
-    # mean = sum / N (not Σ τᵢ/N), so N identical specialists give that specialist exactly.
-    return merge_key_by_key(theta0, specialists, heads, "average", lambda taus: taus.mean(0))
+    def __call__(
+        self,
+        theta0: Mapping[str, Tensor],
+        specialists: Mapping[str, Mapping[str, Tensor]],
+        heads: Mapping[str, Mapping[str, Tensor]],
+    ) -> MergeResult:
+        """θ₀ + mean τᵢ on every key (one streaming pass), heads averaged."""
+        # mean = sum / N (not Σ τᵢ/N), so N identical specialists give that specialist exactly.
+        return merge_key_by_key(theta0, specialists, heads, "average", lambda _key, taus: taus.mean(0))

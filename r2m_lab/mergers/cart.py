@@ -10,7 +10,7 @@ SVD_q is the best rank-q approximation (`svd: exact | randomized`, see task_vect
 matrix: a fused qkv weight is three d×d blocks, so fused and split q/k/v checkpoints merge alike. The paper reports a
 kept rank near 8 % as best; ρ = 0.1 matches R²M's default so the two are compared at the same rank.
 
-λ default 1.0 (decided here; the paper selects it on validation data, as the pipeline does with its grid): each
+λ default 1.0 (conf/merger/cart.yaml, decided here; the paper selects it on validation data, as the pipeline does): each
 task's top-ρ centred direction is added back unscaled. At ρ = 1 every λ gives weight averaging, since
 Σᵢ (τᵢ − τ̄) = 0, and identical specialists give that specialist exactly (every τᵢ − τ̄ is 0), whatever ρ and λ.
 
@@ -21,40 +21,26 @@ One streaming pass; one key of all N specialists in memory at a time. Heads are 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from r2m_lab.mergers.contract import Knobs
 from r2m_lab.mergers.task_vectors import (
     MergeResult,
-    PhaseTimer,
-    average_heads,
     check_choice,
-    check_heads,
-    check_keys,
-    family_names,
     is_finite_number,
     is_matrix_key,
     kept_rank,
     low_rank_factors,
     matrix_blocks,
-    merge_diagnostics,
-    merge_keys,
+    merge_key_by_key,
 )
 
 SVD_METHODS = ("exact", "randomized")
 
 StateDict = Mapping[str, Tensor]
-
-
-def validate(*, rank_ratio: Any = 0.1, lam: Any = 1.0, svd: Any = "randomized") -> None:
-    """Refuse out-of-range knobs before any work (the merge stage calls this at config time, and merge does)."""
-    if not is_finite_number(rank_ratio) or not 0 < rank_ratio <= 1:
-        raise ValueError(f"rank_ratio must be a fraction in (0, 1] (0.1 keeps 10 % of the rank), got {rank_ratio!r}")
-    if not is_finite_number(lam):
-        raise ValueError(f"lam must be a finite number, got {lam!r}")
-    check_choice("svd", svd, SVD_METHODS)
 
 
 def centred_low_rank_sum(key: str, taus: Tensor, rank_ratio: float, svd: str) -> tuple[Tensor, int]:
@@ -70,36 +56,39 @@ def centred_low_rank_sum(key: str, taus: Tensor, rank_ratio: float, svd: str) ->
     return total.reshape(taus.shape[1:]), q  # block-major = a fused qkv's row order
 
 
-def merge(
-    theta0: StateDict,
-    specialists: Mapping[str, StateDict],
-    heads: Mapping[str, Mapping[str, Tensor]],
-    *,
-    rank_ratio: float = 0.1,
-    lam: float = 1.0,
-    svd: str = "randomized",
-) -> MergeResult:
-    """CART (module docstring): θ₀ + τ̄ + λ Σᵢ SVD_ρ(τᵢ − τ̄) on matrix keys, θ₀ + τ̄ elsewhere; heads averaged."""
-    validate(rank_ratio=rank_ratio, lam=lam, svd=svd)
-    names = family_names(specialists)
-    check_keys(theta0, specialists)
-    check_heads(heads, names)
-    timer = PhaseTimer()
-    ranks: dict[str, int] = {}
-    lam = float(lam)
+@dataclass(frozen=True)
+class CART(Knobs):
+    """CART (module docstring). rank_ratio: ρ ∈ (0, 1]; lam: λ on the low-rank centred sum; svd: exact | randomized."""
 
-    def combine(key: str, taus: Tensor) -> Tensor:
-        mean = taus.mean(0)
-        if not (is_matrix_key(key) and taus.ndim == 3):
-            return mean
-        low_rank, ranks[key] = centred_low_rank_sum(key, taus, rank_ratio, svd)
-        return mean + lam * low_rank
+    rank_ratio: float
+    lam: float
+    svd: str
 
-    streamed = merge_keys(theta0, specialists, names, combine)
-    timer.tick("merge")
-    hp = {"rank_ratio": float(rank_ratio), "lam": lam, "svd": svd}
-    diagnostics = merge_diagnostics(
-        "cart", names, hp, streamed.task_gram, len(streamed.backbone), streamed.n_zero_keys, timer.timings
-    )
-    diagnostics["kept_rank"] = ranks  # q per matrix (per d×d block for a fused qkv)
-    return MergeResult(backbone=streamed.backbone, head=average_heads(heads), diagnostics=diagnostics)
+    def check(self, n_tasks: int | None = None) -> None:
+        """Refuse out-of-range knobs before any work."""
+        if not is_finite_number(self.rank_ratio) or not 0 < self.rank_ratio <= 1:
+            raise ValueError(
+                f"rank_ratio must be a fraction in (0, 1] (0.1 keeps 10 % of the rank), got {self.rank_ratio!r}"
+            )
+        if not is_finite_number(self.lam):
+            raise ValueError(f"lam must be a finite number, got {self.lam!r}")
+        check_choice("svd", self.svd, SVD_METHODS)
+
+    def __call__(
+        self, theta0: StateDict, specialists: Mapping[str, StateDict], heads: Mapping[str, Mapping[str, Tensor]]
+    ) -> MergeResult:
+        """θ₀ + τ̄ + λ Σᵢ SVD_ρ(τᵢ − τ̄) on matrix keys, θ₀ + τ̄ elsewhere; heads averaged."""
+        ranks: dict[str, int] = {}
+        lam, rank_ratio, svd = float(self.lam), float(self.rank_ratio), self.svd
+
+        def combine(key: str, taus: Tensor) -> Tensor:
+            mean = taus.mean(0)
+            if not (is_matrix_key(key) and taus.ndim == 3):
+                return mean
+            low_rank, ranks[key] = centred_low_rank_sum(key, taus, rank_ratio, svd)
+            return mean + lam * low_rank
+
+        hp = {"rank_ratio": rank_ratio, "lam": lam, "svd": svd}
+        result = merge_key_by_key(theta0, specialists, heads, "cart", combine, hp)
+        result.diagnostics["kept_rank"] = ranks  # q per matrix (per d×d block for a fused qkv)
+        return result

@@ -4,10 +4,12 @@ Yu, Yu, Yu, Huang, Li, "Language Models are Super Mario: Absorbing Abilities fro
 ICML 2024 (arXiv 2311.03099). With task vectors τᵢ = θᵢ − θ₀:
 
     mᵢ ~ Bernoulli(1 − p) per entry,   τ̃ᵢ = mᵢ ⊙ τᵢ / (1 − p)      (E[τ̃ᵢ] = τᵢ)
-    combine="task_arithmetic":  θ* = θ₀ + λ Σᵢ τ̃ᵢ                    (λ default 0.3, task arithmetic's)
-    combine="ties":             θ* = TIES(τ̃₁..τ̃_N)                  (r2m_lab.mergers.ties; its knobs; λ default 1.0)
+    combine="task_arithmetic":  θ* = θ₀ + λ Σᵢ τ̃ᵢ
+    combine="ties":             θ* = TIES(τ̃₁..τ̃_N)                  (r2m_lab.mergers.ties, with its knobs)
 
-p = 0.5 by default, p ∈ [0, 1) (p = 0 is plain task arithmetic / TIES). Heads are averaged.
+p ∈ [0, 1) (p = 0 is plain task arithmetic / TIES; conf/merger/dare.yaml has 0.5). ``lam: null`` takes the
+combiner's own default, read from its YAML (conf/merger/task_arithmetic.yaml: 0.3, conf/merger/ties.yaml: 1.0), so
+that default is written once. Heads are averaged.
 
 Reproducibility: the mask of (family, key) is drawn from its own CPU generator seeded with
 SHA-256(seed, "dare", family, key), so it does not depend on key order, on which other keys exist, on the device the
@@ -18,54 +20,27 @@ changed are never masked (τ = 0 stays 0) and stay θ₀ bit for bit.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from r2m_lab.mergers import ties
+from r2m_lab.mergers.configs import load_merger_config
+from r2m_lab.mergers.contract import Knobs
 from r2m_lab.mergers.task_vectors import (
     MergeResult,
-    PhaseTimer,
-    average_heads,
     check_choice,
-    check_heads,
-    check_keys,
     family_names,
     is_finite_number,
-    merge_diagnostics,
-    merge_keys,
+    merge_key_by_key,
     stable_seed,
 )
 
-COMBINES = ("task_arithmetic", "ties")
-DEFAULT_LAM = {"task_arithmetic": 0.3, "ties": 1.0}
+COMBINES = ("task_arithmetic", "ties")  # each is also a merger: lam=null takes its YAML's lam
 
 StateDict = Mapping[str, Tensor]
-
-
-def validate(
-    *,
-    p: Any = 0.5,
-    lam: Any = None,
-    combine: Any = "task_arithmetic",
-    seed: Any = 0,
-    density: Any = 0.2,
-    trim_scope: Any = "global",
-    merge_fn: Any = "disjoint_mean",
-) -> None:
-    """Refuse out-of-range knobs before any work (the merge stage calls this at config time, and merge does).
-
-    TIES' knobs (density, trim_scope, merge_fn) are checked whatever ``combine`` is, so a typo never hides.
-    """
-    if not is_finite_number(p) or not 0 <= p < 1:
-        raise ValueError(f"p (the drop probability) must be in [0, 1), got {p!r}")
-    if lam is not None and not is_finite_number(lam):
-        raise ValueError(f"lam must be a finite number or null (the combiner's default), got {lam!r}")
-    check_choice("combine", combine, COMBINES)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    ties.validate(density=density, lam=1.0, trim_scope=trim_scope, merge_fn=merge_fn)
 
 
 def keep_mask(seed: int, family: str, key: str, shape: torch.Size | Sequence[int], p: float) -> Tensor:
@@ -103,52 +78,72 @@ class DropAndRescale:
         return {name: kept[i] / total if total else 1.0 for i, name in enumerate(self.names)}
 
 
-def merge(
-    theta0: StateDict,
-    specialists: Mapping[str, StateDict],
-    heads: Mapping[str, Mapping[str, Tensor]],
-    *,
-    p: float = 0.5,
-    lam: float | None = None,
-    combine: str = "task_arithmetic",
-    seed: int = 0,
-    density: float = 0.2,
-    trim_scope: str = "global",
-    merge_fn: str = "disjoint_mean",
-) -> MergeResult:
+@dataclass(frozen=True)
+class DARE(Knobs):
     """DARE (module docstring): drop with probability p, rescale by 1/(1 − p), then task arithmetic or TIES.
 
-    lam: λ of the combiner; None takes its default (0.3 for task arithmetic, 1.0 for TIES). density, trim_scope,
-    merge_fn: TIES' knobs, used only with ``combine="ties"``.
+    lam: λ of the combiner, or None for the combiner's default. seed: the masks' seed. density, trim_scope,
+    merge_fn: TIES' knobs, used only with ``combine="ties"`` but always checked, so a typo never hides.
     """
-    validate(p=p, lam=lam, combine=combine, seed=seed, density=density, trim_scope=trim_scope, merge_fn=merge_fn)
-    lam_used = float(DEFAULT_LAM[combine] if lam is None else lam)
-    names = family_names(specialists)
-    dropper = DropAndRescale(names, float(p), seed)
-    hyperparameters: dict[str, Any] = {"p": float(p), "lam": lam_used, "combine": combine, "seed": seed}
-    if combine == "ties":
-        result, _ = ties.ties_merge(
-            theta0,
-            specialists,
-            heads,
-            density=density,
-            lam=lam_used,
-            trim_scope=trim_scope,
-            merge_fn=merge_fn,
-            transform=dropper,
-            merger="dare",
-            hyperparameters=hyperparameters,
-        )
+
+    p: float
+    lam: float | None
+    combine: str
+    seed: int
+    density: float
+    trim_scope: str
+    merge_fn: str
+
+    def check(self, n_tasks: int | None = None) -> None:
+        """Refuse out-of-range knobs before any work."""
+        if not is_finite_number(self.p) or not 0 <= self.p < 1:
+            raise ValueError(f"p (the drop probability) must be in [0, 1), got {self.p!r}")
+        if self.lam is not None and not is_finite_number(self.lam):
+            raise ValueError(f"lam must be a finite number or null (the combiner's default), got {self.lam!r}")
+        check_choice("combine", self.combine, COMBINES)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        # TIES' own check of its knobs (λ is DARE's, checked above)
+        ties.TIES(density=self.density, lam=1.0, trim_scope=self.trim_scope, merge_fn=self.merge_fn)
+
+    def combiner_lam(self) -> float:
+        """λ used: ``lam``, or the combiner's default from its YAML when ``lam`` is None."""
+        return float(self.lam if self.lam is not None else load_merger_config(self.combine)["lam"])
+
+    def __call__(
+        self, theta0: StateDict, specialists: Mapping[str, StateDict], heads: Mapping[str, Mapping[str, Tensor]]
+    ) -> MergeResult:
+        """Drop, rescale, then combine (module docstring); heads averaged."""
+        lam_used = self.combiner_lam()
+        names = family_names(specialists)
+        dropper = DropAndRescale(names, float(self.p), self.seed)
+        hyperparameters: dict[str, Any] = {
+            "p": float(self.p),
+            "lam": lam_used,
+            "combine": self.combine,
+            "seed": self.seed,
+        }
+        if self.combine == "ties":
+            result, _ = ties.ties_merge(
+                theta0,
+                specialists,
+                heads,
+                density=self.density,
+                lam=lam_used,
+                trim_scope=self.trim_scope,
+                merge_fn=self.merge_fn,
+                transform=dropper,
+                merger="dare",
+                hyperparameters=hyperparameters,
+            )
+        else:
+            result = merge_key_by_key(
+                theta0,
+                specialists,
+                heads,
+                "dare",
+                lambda key, taus: lam_used * dropper(key, taus).sum(0),
+                hyperparameters,
+            )
         result.diagnostics["kept_fraction_dare"] = dropper.kept_fraction()
         return result
-
-    check_keys(theta0, specialists)
-    check_heads(heads, names)
-    timer = PhaseTimer()
-    streamed = merge_keys(theta0, specialists, names, lambda key, taus: lam_used * dropper(key, taus).sum(0))
-    timer.tick("merge")
-    diagnostics = merge_diagnostics(
-        "dare", names, hyperparameters, streamed.task_gram, len(streamed.backbone), streamed.n_zero_keys, timer.timings
-    )
-    diagnostics["kept_fraction_dare"] = dropper.kept_fraction()
-    return MergeResult(backbone=streamed.backbone, head=average_heads(heads), diagnostics=diagnostics)

@@ -32,11 +32,12 @@ One float64 SVD per matrix (of the sum; N is not involved), one streaming pass, 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from r2m_lab.mergers.contract import Knobs
 from r2m_lab.mergers.task_vectors import (
     MergeResult,
     PhaseTimer,
@@ -54,10 +55,22 @@ from r2m_lab.mergers.task_vectors import (
 StateDict = Mapping[str, Tensor]
 
 
-def validate(*, lam: Any = 1.0) -> None:
-    """Refuse a λ that is not a finite number (the merge stage calls this at config time, and merge does)."""
-    if not is_finite_number(lam):
-        raise ValueError(f"lam must be a finite number, got {lam!r}")
+@dataclass(frozen=True)
+class IsoC(Knobs):
+    """Iso-C (module docstring). lam: λ on the isotropic merge (conf/merger/iso_c.yaml)."""
+
+    lam: float
+
+    def check(self, n_tasks: int | None = None) -> None:
+        """Refuse a λ that is not a finite number."""
+        if not is_finite_number(self.lam):
+            raise ValueError(f"lam must be a finite number, got {self.lam!r}")
+
+    def __call__(
+        self, theta0: StateDict, specialists: Mapping[str, StateDict], heads: Mapping[str, Mapping[str, Tensor]]
+    ) -> MergeResult:
+        """θ₀ + λ·(isotropic merge on matrix keys, τ̄ elsewhere), heads averaged (`merge`)."""
+        return merge(theta0, specialists, heads, self)
 
 
 def isotropic(matrices: Tensor) -> tuple[Tensor, Tensor]:
@@ -71,19 +84,17 @@ def merge(
     theta0: StateDict,
     specialists: Mapping[str, StateDict],
     heads: Mapping[str, Mapping[str, Tensor]],
-    *,
-    lam: float = 1.0,
+    knobs: IsoC,
 ) -> MergeResult:
-    """Iso-C (module docstring): θ₀ + λ·(σ̄ U Vᵀ of Σᵢ τᵢ on matrix keys; τ̄ elsewhere); heads averaged. lam: the
-    authors' α, the same on every key."""
-    validate(lam=lam)
+    """Iso-C (module docstring): θ₀ + λ·(σ̄ U Vᵀ of Σᵢ τᵢ on matrix keys; τ̄ elsewhere); heads averaged. ``knobs.lam``
+    is the authors' α, the same on every key."""
     names = family_names(specialists)
     check_keys(theta0, specialists)
     check_heads(heads, names)
     timer = PhaseTimer()
     ranks: dict[str, int] = {}
     mean_sigmas: dict[str, list[float]] = {}
-    lam = float(lam)
+    lam = float(knobs.lam)
 
     def combine(key: str, taus: Tensor) -> Tensor:
         if not (is_matrix_key(key) and taus.ndim == 3):

@@ -46,11 +46,11 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from r2m_lab.mergers.contract import Knobs
 from r2m_lab.mergers.task_vectors import (
     MergeResult,
     apply_delta,
@@ -317,77 +317,68 @@ def _pass3(
 # ------------------------------------------------------------------------------------------------------- merge
 
 
-def validate(
-    *,
-    k: Any = 1,
-    center: Any = False,
-    block_weight: Any = "none",
-    rank_ratio: Any = 0.1,
-    svd: Any = "randomized",
-    eta_mode: Any = "fixed",
-    eta: Any = 1.0,
-    alpha: Any = 0.6,
-    norm_matching: Any = True,
-    truncation: Any = True,
-    n_tasks: int | None = None,
-) -> None:
-    """Refuse out-of-range knobs before any work (the merge stage calls this at config time, with ``n_tasks`` = N)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
-    for name, flag in (("center", center), ("norm_matching", norm_matching), ("truncation", truncation)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be true or false, got {flag!r}")
-    for name, value, allowed in (
-        ("block_weight", block_weight, BLOCK_WEIGHTS),
-        ("svd", svd, SVD_METHODS),
-        ("eta_mode", eta_mode, ETA_MODES),
-    ):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-    if not is_finite_number(rank_ratio) or not 0 < rank_ratio <= 1:
-        raise ValueError(f"rank_ratio must be a fraction in (0, 1] (0.1 keeps 10 % of the rank), got {rank_ratio!r}")
-    for name, value in (("eta", eta), ("alpha", alpha)):
-        if not is_finite_number(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if n_tasks is not None and k > n_tasks:
-        raise ValueError(f"k={k} exceeds the number of specialists N={n_tasks}: the real subspace has rank ≤ N")
-
-
-def merge(
-    theta0: StateDict,
-    specialists: Mapping[str, StateDict],
-    heads: Mapping[str, Mapping[str, Tensor]],
-    *,
-    k: int = 1,
-    center: bool = False,
-    block_weight: str = "none",
-    rank_ratio: float = 0.1,
-    svd: str = "randomized",
-    eta_mode: str = "fixed",
-    eta: float = 1.0,
-    alpha: float = 0.6,
-    norm_matching: bool = True,
-    truncation: bool = True,
-) -> MergeResult:
-    """R²M: θ₀ + τ_core + η·τ_res (see the module docstring); three streaming passes over the keys.
+@dataclass(frozen=True)
+class R2M(Knobs):
+    """R²M's knobs (defaults and comments: conf/merger/r2m.yaml; every knob: shared/design/merging.md).
 
     k: rank of the real subspace (1 ≤ k ≤ N). center: subtract the mean task vector before the factorisation.
     block_weight: "none" (γ = 1) or "equal" (every key of L weighs the same in G). rank_ratio: ρ ∈ (0, 1].
     svd: "exact" or "randomized" truncation. eta_mode, eta, alpha: step 7. norm_matching, truncation: ablation
     switches for steps 6 and 5 (off: τ_res = mean r̂ᵢ; r̂ᵢ = rᵢ).
     """
-    validate(
-        k=k,
-        center=center,
-        block_weight=block_weight,
-        rank_ratio=rank_ratio,
-        svd=svd,
-        eta_mode=eta_mode,
-        eta=eta,
-        alpha=alpha,
-        norm_matching=norm_matching,
-        truncation=truncation,
-    )
+
+    k: int
+    center: bool
+    block_weight: str
+    rank_ratio: float
+    svd: str
+    eta_mode: str
+    eta: float
+    alpha: float
+    norm_matching: bool
+    truncation: bool
+
+    def check(self, n_tasks: int | None = None) -> None:
+        """Refuse out-of-range knobs before any work; ``n_tasks`` = N adds k ≤ N (the stages pass it at config time)."""
+        k = self.k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer ≥ 1, got {k!r}")
+        for name in ("center", "norm_matching", "truncation"):
+            flag = getattr(self, name)
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
+        for name, allowed in (("block_weight", BLOCK_WEIGHTS), ("svd", SVD_METHODS), ("eta_mode", ETA_MODES)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        if not is_finite_number(self.rank_ratio) or not 0 < self.rank_ratio <= 1:
+            raise ValueError(
+                f"rank_ratio must be a fraction in (0, 1] (0.1 keeps 10 % of the rank), got {self.rank_ratio!r}"
+            )
+        for name in ("eta", "alpha"):
+            value = getattr(self, name)
+            if not is_finite_number(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if n_tasks is not None and k > n_tasks:
+            raise ValueError(f"k={k} exceeds the number of specialists N={n_tasks}: the real subspace has rank ≤ N")
+
+    def __call__(
+        self, theta0: StateDict, specialists: Mapping[str, StateDict], heads: Mapping[str, Mapping[str, Tensor]]
+    ) -> MergeResult:
+        """θ₀ + τ_core + η·τ_res, heads averaged (`merge`)."""
+        return merge(theta0, specialists, heads, self)
+
+
+def merge(
+    theta0: StateDict,
+    specialists: Mapping[str, StateDict],
+    heads: Mapping[str, Mapping[str, Tensor]],
+    knobs: R2M,
+) -> MergeResult:
+    """R²M with checked ``knobs`` (`R2M`): θ₀ + τ_core + η·τ_res (module docstring); three streaming passes."""
+    k, center, block_weight, rank_ratio, svd = knobs.k, knobs.center, knobs.block_weight, knobs.rank_ratio, knobs.svd
+    eta_mode, eta, alpha = knobs.eta_mode, knobs.eta, knobs.alpha
+    norm_matching, truncation = knobs.norm_matching, knobs.truncation
     names = family_names(specialists)
     if k > len(names):
         raise ValueError(f"k={k} exceeds the number of specialists N={len(names)} ({', '.join(names)})")

@@ -1,32 +1,39 @@
 """Task arithmetic: θ* = θ₀ + λ Σᵢ τᵢ.
 
-Ilharco et al., "Editing models with task arithmetic", ICLR 2023. λ (default 0.3) is chosen on the in-distribution
-validation split; λ = 1/N is weight averaging and λ = 0 returns θ₀.
+Ilharco et al., "Editing models with task arithmetic", ICLR 2023. λ (conf/merger/task_arithmetic.yaml) is chosen
+on the in-distribution validation split by the pipeline; λ = 1/N is weight averaging and λ = 0 returns θ₀.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from torch import Tensor
 
+from r2m_lab.mergers.contract import Knobs
 from r2m_lab.mergers.task_vectors import MergeResult, is_finite_number, merge_key_by_key
 
 
-def validate(*, lam: float = 0.3) -> None:
-    """Refuse a λ that is not a finite number (called by the merge stage at config time, and by merge)."""
-    if not is_finite_number(lam):
-        raise ValueError(f"lam must be a finite number, got {lam!r}")
+@dataclass(frozen=True)
+class TaskArithmetic(Knobs):
+    """θ₀ + λ Σᵢ τᵢ. lam: λ, any finite number."""
 
+    lam: float
 
-def merge(
-    theta0: Mapping[str, Tensor],
-    specialists: Mapping[str, Mapping[str, Tensor]],
-    heads: Mapping[str, Mapping[str, Tensor]],
-    *,
-    lam: float = 0.3,
-) -> MergeResult:
-    """θ₀ + λ Σᵢ τᵢ on every key (one streaming pass), heads averaged."""
-    validate(lam=lam)
-    lam = float(lam)
-    return merge_key_by_key(theta0, specialists, heads, "task_arithmetic", lambda taus: lam * taus.sum(0), {"lam": lam})
+    def check(self, n_tasks: int | None = None) -> None:
+        """Refuse a λ that is not a finite number."""
+        if not is_finite_number(self.lam):
+            raise ValueError(f"lam must be a finite number, got {self.lam!r}")
+
+    def __call__(
+        self,
+        theta0: Mapping[str, Tensor],
+        specialists: Mapping[str, Mapping[str, Tensor]],
+        heads: Mapping[str, Mapping[str, Tensor]],
+    ) -> MergeResult:
+        """θ₀ + λ Σᵢ τᵢ on every key (one streaming pass), heads averaged."""
+        lam = float(self.lam)
+        return merge_key_by_key(
+            theta0, specialists, heads, "task_arithmetic", lambda _key, taus: lam * taus.sum(0), {"lam": lam}
+        )

@@ -398,10 +398,11 @@ def merge_keys(
     names: Sequence[str],
     combine: Callable[[str, Tensor], Tensor],
 ) -> StreamedMerge:
-    """One streaming pass θ*[key] = θ₀[key] + combine(key, τ stack (N, *shape) float64), keys in θ₀'s order.
+    """The one streaming loop: θ*[key] = θ₀[key] + combine(key, τ stack (N, *shape) float64), keys in θ₀'s order.
 
-    Like `merge_key_by_key`, but the combiner also gets the key (per-matrix methods split a fused qkv, DARE seeds its
-    mask by key). Keys whose τ is zero in every specialist and non-floating keys are copied from θ₀ bit for bit.
+    The combiner gets the key (per-matrix methods split a fused qkv, DARE seeds its mask by key). Keys whose τ is
+    zero in every specialist and non-floating keys are copied from θ₀ bit for bit. Single-pass mergers call it
+    through `merge_key_by_key`; multi-pass ones (TIES' thresholds first) call it for their last pass.
     """
     task_gram = torch.zeros(len(names), len(names), dtype=torch.float64)
     backbone, zero_keys = {}, 0
@@ -443,21 +444,29 @@ def merge_key_by_key(
     specialists: Mapping[str, StateDict],
     heads: Mapping[str, Mapping[str, Tensor]],
     merger: str,
-    combine: Callable[[Tensor], Tensor],
+    combine: Callable[[str, Tensor], Tensor],
     hyperparameters: Mapping[str, Any] | None = None,
+    timer: PhaseTimer | None = None,
 ) -> MergeResult:
-    """The one streaming pass of every merger that needs no global pre-pass: θ* = θ₀ + combine(τ) per key.
+    """A single-pass merger from its combiner: checks, one `merge_keys` pass, averaged heads, shared diagnostics.
 
-    ``combine`` maps the (N, *shape) float64 task-vector stack of one key to its merged delta (*shape). Keys whose τ
-    is zero in every specialist stay θ₀ exactly; heads are averaged; diagnostics carry the task-vector geometry.
+    ``combine(key, taus)`` maps one key's (N, *shape) float64 task-vector stack to its merged delta (*shape). The
+    keys and heads are checked before the first tensor is read. ``timer`` (started by the caller when it did work
+    before the pass) gets the phase "merge". Method-specific facts go into the result's diagnostics afterwards.
     """
-    timer = PhaseTimer()
+    timer = timer or PhaseTimer()
     names = family_names(specialists)
     check_keys(theta0, specialists)
     check_heads(heads, names)
-    merged = merge_keys(theta0, specialists, names, lambda _key, taus: combine(taus))
+    streamed = merge_keys(theta0, specialists, names, combine)
+    timer.tick("merge")
     diagnostics = merge_diagnostics(
-        merger, names, hyperparameters or {}, merged.task_gram, len(merged.backbone), merged.n_zero_keys, {}
+        merger,
+        names,
+        hyperparameters or {},
+        streamed.task_gram,
+        len(streamed.backbone),
+        streamed.n_zero_keys,
+        timer.timings,
     )
-    diagnostics["timings_s"] = timer.timings
-    return MergeResult(backbone=merged.backbone, head=average_heads(heads), diagnostics=diagnostics)
+    return MergeResult(backbone=streamed.backbone, head=average_heads(heads), diagnostics=diagnostics)

@@ -12,7 +12,8 @@ Yadav, Tam, Choshen, Raffel, Bansal, "TIES-Merging: Resolving Interference When 
              whole task vector (both trim scopes)
 3. merge     Aₚ = {i : sign(τ̂ᵢₚ) = γₚ};  τ*ₚ = (1/|Aₚ|) Σ_{i∈Aₚ} τ̂ᵢₚ  (`merge_fn="disjoint_mean"`), or the disjoint sum
              Σ_{i∈Aₚ} τ̂ᵢₚ (`merge_fn="sum"`); an empty Aₚ gives 0
-4.           θ* = θ₀ + λ·τ*, heads averaged. density = 0.2 (a fraction in (0, 1], never a percent), λ = 1.0.
+4.           θ* = θ₀ + λ·τ*, heads averaged. density is a fraction in (0, 1], never a percent (defaults in
+             conf/merger/ties.yaml: density 0.2, λ 1.0).
 
 Steps 1–3 follow the TIES authors' code (`topk_values_mask`, `resolve_sign` with "majority", `disjoint_merge`; the
 same in fusion_bench) bit for bit on the same flattened task vectors:
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from r2m_lab.mergers.contract import Knobs
 from r2m_lab.mergers.task_vectors import (
     MergeResult,
     PhaseTimer,
@@ -72,16 +74,31 @@ StateDict = Mapping[str, Tensor]
 Transform = Callable[[str, Tensor], Tensor]
 
 
-def validate(
-    *, density: Any = 0.2, lam: Any = 1.0, trim_scope: Any = "global", merge_fn: Any = "disjoint_mean"
-) -> None:
-    """Refuse out-of-range knobs before any work (the merge stage calls this at config time, and merge does)."""
-    if not is_finite_number(density) or not 0 < density <= 1:
-        raise ValueError(f"density must be a fraction in (0, 1] (0.2 keeps the top 20 %), got {density!r}")
-    if not is_finite_number(lam):
-        raise ValueError(f"lam must be a finite number, got {lam!r}")
-    check_choice("trim_scope", trim_scope, TRIM_SCOPES)
-    check_choice("merge_fn", merge_fn, MERGE_FNS)
+@dataclass(frozen=True)
+class TIES(Knobs):
+    """TIES-Merging (module docstring). density: fraction of each task vector kept, in (0, 1]. lam: λ. trim_scope:
+    "global" (one threshold per task over the whole task vector, the paper) or "per_tensor". merge_fn:
+    "disjoint_mean" (the paper) or "sum"."""
+
+    density: float
+    lam: float
+    trim_scope: str
+    merge_fn: str
+
+    def check(self, n_tasks: int | None = None) -> None:
+        """Refuse out-of-range knobs before any work."""
+        if not is_finite_number(self.density) or not 0 < self.density <= 1:
+            raise ValueError(f"density must be a fraction in (0, 1] (0.2 keeps the top 20 %), got {self.density!r}")
+        if not is_finite_number(self.lam):
+            raise ValueError(f"lam must be a finite number, got {self.lam!r}")
+        check_choice("trim_scope", self.trim_scope, TRIM_SCOPES)
+        check_choice("merge_fn", self.merge_fn, MERGE_FNS)
+
+    def __call__(
+        self, theta0: StateDict, specialists: Mapping[str, StateDict], heads: Mapping[str, Mapping[str, Tensor]]
+    ) -> MergeResult:
+        """θ₀ + λ·disjoint_merge(elect(trim(τ))), heads averaged (`merge`)."""
+        return merge(theta0, specialists, heads, self)
 
 
 # --------------------------------------------------------------------------------------------------- thresholds
@@ -338,19 +355,16 @@ def merge(
     theta0: StateDict,
     specialists: Mapping[str, StateDict],
     heads: Mapping[str, Mapping[str, Tensor]],
-    *,
-    density: float = 0.2,
-    lam: float = 1.0,
-    trim_scope: str = "global",
-    merge_fn: str = "disjoint_mean",
+    knobs: TIES,
 ) -> MergeResult:
-    """TIES-Merging (module docstring): θ₀ + λ·disjoint_merge(elect(trim(τ))), heads averaged.
-
-    density: fraction of each task vector kept, in (0, 1]. lam: λ. trim_scope: "global" (one threshold per task over
-    the whole task vector, the paper) or "per_tensor". merge_fn: "disjoint_mean" (the paper) or "sum".
-    """
-    validate(density=density, lam=lam, trim_scope=trim_scope, merge_fn=merge_fn)
+    """TIES-Merging (module docstring) with checked ``knobs``: θ₀ + λ·disjoint_merge(elect(trim(τ))), heads averaged."""
     result, _ = ties_merge(
-        theta0, specialists, heads, density=density, lam=float(lam), trim_scope=trim_scope, merge_fn=merge_fn
+        theta0,
+        specialists,
+        heads,
+        density=knobs.density,
+        lam=float(knobs.lam),
+        trim_scope=knobs.trim_scope,
+        merge_fn=knobs.merge_fn,
     )
     return result

@@ -8,7 +8,7 @@ Model Merging", CVPR 2025 (arXiv 2412.00081). Per matrix key (a fused qkv as thr
     U⊥ = P Qᵀ from U = P S Qᵀ        the polar factor: the orthogonal matrix nearest U (same for V⊥)
     merged = U⊥ diag(σ) V⊥ᵀ
 
-Other keys (biases, norms, embeddings): merged = τ̄. θ* = θ₀ + λ·merged, λ = 1.0; heads averaged.
+Other keys (biases, norms, embeddings): merged = τ̄. θ* = θ₀ + λ·merged (λ: conf/merger/tsv.yaml, 1.0); heads averaged.
 
 Orthogonalising the concatenated singular vectors removes the overlap between tasks' subspaces (their interference)
 while keeping every task's singular values. Flipping the sign of a pair (uⱼ, vⱼ) flips the same columns of U⊥ and
@@ -29,32 +29,21 @@ One streaming pass; one key of all N specialists in memory at a time.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from r2m_lab.mergers.contract import Knobs
 from r2m_lab.mergers.task_vectors import (
     MergeResult,
-    PhaseTimer,
-    average_heads,
-    check_heads,
-    check_keys,
-    family_names,
     is_finite_number,
     is_matrix_key,
     matrix_blocks,
-    merge_diagnostics,
-    merge_keys,
+    merge_key_by_key,
 )
 
 StateDict = Mapping[str, Tensor]
-
-
-def validate(*, lam: Any = 1.0) -> None:
-    """Refuse a λ that is not a finite number (the merge stage calls this at config time, and merge does)."""
-    if not is_finite_number(lam):
-        raise ValueError(f"lam must be a finite number, got {lam!r}")
 
 
 def polar_factor(matrices: Tensor) -> Tensor:
@@ -80,32 +69,30 @@ def task_singular_vectors_merge(key: str, taus: Tensor) -> tuple[Tensor, int]:
     return merged.reshape(taus.shape[1:]), q
 
 
-def merge(
-    theta0: StateDict,
-    specialists: Mapping[str, StateDict],
-    heads: Mapping[str, Mapping[str, Tensor]],
-    *,
-    lam: float = 1.0,
-) -> MergeResult:
-    """TSV-M (module docstring): θ₀ + λ·(U⊥ diag(σ) V⊥ᵀ on matrix keys, τ̄ elsewhere); heads averaged."""
-    validate(lam=lam)
-    names = family_names(specialists)
-    check_keys(theta0, specialists)
-    check_heads(heads, names)
-    timer = PhaseTimer()
-    ranks: dict[str, int] = {}
-    lam = float(lam)
+@dataclass(frozen=True)
+class TSV(Knobs):
+    """TSV-M (module docstring). lam: λ on the merged task vector."""
 
-    def combine(key: str, taus: Tensor) -> Tensor:
-        if not (is_matrix_key(key) and taus.ndim == 3):
-            return lam * taus.mean(0)
-        merged, ranks[key] = task_singular_vectors_merge(key, taus)
-        return lam * merged
+    lam: float
 
-    streamed = merge_keys(theta0, specialists, names, combine)
-    timer.tick("merge")
-    diagnostics = merge_diagnostics(
-        "tsv", names, {"lam": lam}, streamed.task_gram, len(streamed.backbone), streamed.n_zero_keys, timer.timings
-    )
-    diagnostics["kept_rank"] = ranks  # q per task and matrix (per d×d block for a fused qkv)
-    return MergeResult(backbone=streamed.backbone, head=average_heads(heads), diagnostics=diagnostics)
+    def check(self, n_tasks: int | None = None) -> None:
+        """Refuse a λ that is not a finite number."""
+        if not is_finite_number(self.lam):
+            raise ValueError(f"lam must be a finite number, got {self.lam!r}")
+
+    def __call__(
+        self, theta0: StateDict, specialists: Mapping[str, StateDict], heads: Mapping[str, Mapping[str, Tensor]]
+    ) -> MergeResult:
+        """θ₀ + λ·(U⊥ diag(σ) V⊥ᵀ on matrix keys, τ̄ elsewhere); heads averaged."""
+        ranks: dict[str, int] = {}
+        lam = float(self.lam)
+
+        def combine(key: str, taus: Tensor) -> Tensor:
+            if not (is_matrix_key(key) and taus.ndim == 3):
+                return lam * taus.mean(0)
+            merged, ranks[key] = task_singular_vectors_merge(key, taus)
+            return lam * merged
+
+        result = merge_key_by_key(theta0, specialists, heads, "tsv", combine, {"lam": lam})
+        result.diagnostics["kept_rank"] = ranks  # q per task and matrix (per d×d block for a fused qkv)
+        return result

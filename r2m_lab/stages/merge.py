@@ -3,7 +3,6 @@
 With ``stage.select`` (a grid, e.g. ``stage.select={lam:[0.1,0.3,0.5,1.0]}``) the merger's scalar(s) are chosen by
 frame-level AUC on the pooled in-distribution *validation* split first; the curve is recorded in the card, in
 ``metrics.json`` and as ``plots/selection_<merger>.png``. Selecting on any other split is refused.
-The reference rows ``merger=ensemble`` and ``merger=joint`` write no weights: the stage records what they are made of.
 """
 
 from __future__ import annotations
@@ -26,10 +25,11 @@ from r2m_lab.data.sources import FrameSet
 from r2m_lab.evaluation import plots
 from r2m_lab.evaluation.metrics import frame_metrics
 from r2m_lab.evaluation.scoring import UniqueFrameScorer
+from r2m_lab.mergers import MergeResult
 from r2m_lab.stages.artifacts import merged_path, output_dir, specialist_names, specialist_path
 from r2m_lab.stages.base_model import require_base
 from r2m_lab.stages.config_nodes import fingerprint, plain
-from r2m_lab.stages.merger_config import is_reference, merger_hparams, merger_name, validate_merger
+from r2m_lab.stages.merger_config import build_run_merger, merger_hparams, merger_name, validate_merger
 from r2m_lab.stages.models import detector_from_state, model_input_config, resolve_device
 from r2m_lab.weights import Checkpoint, save_detector, write_card
 
@@ -42,11 +42,7 @@ def merge(cfg: DictConfig) -> dict[str, Any]:
     """Merge with ``cfg.merger`` (choosing its scalars on validation if ``stage.select`` is set); write the merged
     detector + card to its stable path and the card as this run's ``metrics.json``."""
     select = plain(cfg.stage.get("select")) or {}
-    if is_reference(cfg.merger):
-        if select:
-            raise ValueError(f"merger={merger_name(cfg.merger)} is a reference row: it has nothing to select")
-        card = reference_card(cfg, cfg.merger)
-    elif select:
+    if select:
         card = select_and_merge(cfg, cfg.merger, select, split=str(cfg.stage.get("select_split", SELECTION_SPLIT)))
     else:
         card = merge_specialists(cfg, cfg.merger)
@@ -55,9 +51,7 @@ def merge(cfg: DictConfig) -> dict[str, Any]:
         # folders feed the table builder directly.
         from r2m_lab.stages.evaluate import evaluate_model
 
-        name = merger_name(cfg.merger)
-        spec = name if is_reference(cfg.merger) else card["checkpoint_path"]
-        return evaluate_model(cfg, spec, label=None if is_reference(cfg.merger) else name, extra={"merge": card})
+        return evaluate_model(cfg, card["checkpoint_path"], label=merger_name(cfg.merger), extra={"merge": card})
     write_json_atomic(output_dir(cfg) / "metrics.json", card)
     return card
 
@@ -85,9 +79,11 @@ def open_specialists(cfg: DictConfig, device: str = "cpu") -> tuple[Checkpoint, 
     return base, specialists
 
 
-def _run_merger(merger_cfg: Mapping[str, Any], base: Checkpoint, specialists: Mapping[str, Checkpoint]) -> Any:
-    merge_fn = instantiate(merger_cfg)
-    return merge_fn(
+def _run_merger(
+    cfg: DictConfig, merger_cfg: Mapping[str, Any], base: Checkpoint, specialists: Mapping[str, Checkpoint]
+) -> MergeResult:
+    merger = build_run_merger(cfg, merger_cfg)
+    return merger(
         base.backbone, {n: c.backbone for n, c in specialists.items()}, {n: c.head for n, c in specialists.items()}
     )
 
@@ -97,7 +93,7 @@ def merge_specialists(
     merger_cfg: Mapping[str, Any],
     reuse: bool = False,
     selection: Mapping[str, Any] | None = None,
-    result: Any = None,
+    result: MergeResult | None = None,
 ) -> dict[str, Any]:
     """Run one merger over the benchmark's specialists (or save an already computed ``result``); return the card."""
     path = merged_path(cfg, merger_cfg)
@@ -112,7 +108,7 @@ def merge_specialists(
             return card
     start = time.perf_counter()
     if result is None:
-        result = _run_merger(merger_cfg, base, specialists)
+        result = _run_merger(cfg, merger_cfg, base, specialists)
     seconds = time.perf_counter() - start
     save_detector(path, result.backbone, result.head, {"kind": "merged", "base_hash": base.base_hash, "name": name})
     card = write_card(
@@ -142,47 +138,6 @@ def merge_specialists(
 def _mtimes(specialists: Mapping[str, Checkpoint]) -> dict[str, float]:
     # A re-trained specialist invalidates every merge made from its predecessor.
     return {n: Path(c.path).stat().st_mtime for n, c in specialists.items()}
-
-
-# ------------------------------------------------------------------------------------------ reference rows
-def reference_card(cfg: DictConfig, merger_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """What a reference row is made of: the specialists (ensemble) or the joint checkpoint and its geometry (joint)."""
-    name = merger_name(merger_cfg)
-    validate_merger(cfg, merger_cfg)
-    base, specialists = open_specialists(cfg)
-    card: dict[str, Any] = {
-        "kind": "reference",
-        "merger": name,
-        "hparams": merger_hparams(merger_cfg),
-        "benchmark": str(cfg.benchmark.name),
-        "specialists": {n: str(c.path) for n, c in specialists.items()},
-    }
-    if name == "joint":
-        path = specialist_path(cfg, cfg.benchmark.joint.name)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"No joint model at {path}. Train it with: python -m r2m_lab stage=finetune "
-                f"data={cfg.benchmark.joint.name} seed={cfg.seed}"
-            )
-        joint = Checkpoint(path)
-        if joint.base_hash != base.base_hash:
-            raise ValueError(f"the joint model {path} was not fine-tuned from θ₀ {base.path.name}")
-        result = instantiate(merger_cfg)(
-            base.backbone,
-            {n: c.backbone for n, c in specialists.items()},
-            {n: c.head for n, c in specialists.items()},
-            joint=joint.backbone,
-            joint_head=joint.head,
-        )
-        card.update(checkpoint=str(path), diagnostics=plain(result.diagnostics))
-        log.info("joint: %s; cosine(τ_joint, τᵢ) = %s", path, result.diagnostics["cosine_with_joint"])
-    else:
-        log.info(
-            "ensemble of %s (%s); evaluate it with stage=evaluate merger=ensemble",
-            sorted(specialists),
-            card["hparams"].get("reduction", "mean"),
-        )
-    return card
 
 
 # ------------------------------------------------------------------------------------------ validation selection
@@ -269,7 +224,7 @@ def select_and_merge(
     curve, best, best_result = [], -1, None
     scorer = UniqueFrameScorer({"validation": val}, int(cfg.eval_batch_size), device)  # shared real frames: once
     for i, (point, point_cfg) in enumerate(tqdm(list(zip(grid, points, strict=True)), desc=f"select {name}")):
-        result = _run_merger(point_cfg, base, specialists)
+        result = _run_merger(cfg, point_cfg, base, specialists)
         model = detector_from_state(cfg, result.backbone, result.head)
         scores = scorer(model, model_input_config(cfg, model))["validation"]  # (F,) in pooled order
         auc = frame_metrics(scores, val.labels)["auc"]

@@ -1,30 +1,133 @@
-"""stage=pipeline: the whole method on one benchmark — θ₀, specialists, joint, every merger, every protocol, table."""
+"""stage=pipeline: the whole method on one benchmark — θ₀, specialists, joint, every merger, every protocol, table.
+
+The mergers are discovered from ``conf/merger/`` (`r2m_lab.mergers.merger_names`), each composed from its own YAML
+at run time with ``stage.merger_overrides`` applied, and each chooses its scalar on validation from its YAML's
+``_select_`` grid unless ``stage.select`` replaces it. The reference rows (``stage.reference_rows``: the output
+ensemble and the joint model) are not mergers: they are evaluated beside the merges, and the joint model's task
+vector is compared with the specialists' in the report (``reference_rows.joint.diagnostics``).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from r2m_lab.mergers.task_vectors import task_vector_cosines
+from r2m_lab.evaluation.ensemble import REDUCTIONS
+from r2m_lab.mergers import load_merger_config, merger_names, selection_grid
+from r2m_lab.mergers.task_vectors import StateDict, cosines_from_gram, task_vector_gram
 from r2m_lab.stages.artifacts import merged_path, output_dir, specialist_path
 from r2m_lab.stages.base_model import ensure_base
 from r2m_lab.stages.config_nodes import plain
 from r2m_lab.stages.evaluate import evaluate_models, write_report
 from r2m_lab.stages.finetune import train_detector
-from r2m_lab.stages.merge import (
-    SELECTION_SPLIT,
-    merge_specialists,
-    open_specialists,
-    reference_card,
-    select_and_merge,
-)
-from r2m_lab.stages.merger_config import REFERENCE_MERGERS, is_reference, validate_merger
+from r2m_lab.stages.merge import SELECTION_SPLIT, merge_specialists, open_specialists, select_and_merge
+from r2m_lab.stages.merger_config import validate_merger
+from r2m_lab.weights import Checkpoint
 
 log = logging.getLogger(__name__)
+
+REFERENCE_ROWS = ("joint", "ensemble")  # in the report's order (the paper's: joint training, then the ensemble)
+# The output ensemble's reductions (r2m_lab.evaluation combines the scores); checked here before hours of training.
+JOINT = "joint"
+
+
+@dataclass
+class PipelinePlan:
+    """What the pipeline runs, every part checked before any training."""
+
+    mergers: dict[str, dict[str, Any]]  # name → resolved merger config (its YAML + stage.merger_overrides)
+    grids: dict[str, dict[str, list[Any]]]  # name → validation grid; mergers without one are absent
+    reference_rows: list[str]  # a subset of REFERENCE_ROWS, in that order
+    ensemble_reduction: str
+
+
+def _names(value: Any, what: str, available: Sequence[str]) -> list[str]:
+    """``all`` or a list of names, checked against ``available``."""
+    if value == "all":
+        return list(available)
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(f"stage.{what} must be `all` or a list of names from {list(available)}, got {value!r}")
+    unknown = sorted(set(value) - set(available))
+    if unknown:
+        raise ValueError(f"stage.{what} names {unknown}, which do not exist; the choices are {list(available)}")
+    return [str(v) for v in value]
+
+
+def plan_pipeline(cfg: DictConfig, dirs: Sequence[Path | str] | None = None) -> PipelinePlan:
+    """Resolve ``stage.mergers``, ``stage.merger_overrides``, ``stage.select`` and ``stage.reference_rows``.
+
+    ``dirs``: where to look for ``merger/*.yaml`` (default: the project's conf and Hydra's search path). Every
+    merger's knobs are checked (with N = the benchmark's specialists); an override or grid for a merger that does
+    not run, or for a knob it does not have, is refused.
+    """
+    names = _names(plain(cfg.stage.mergers), "mergers", merger_names(dirs))
+    overrides = plain(cfg.stage.get("merger_overrides")) or {}
+    idle = sorted(set(overrides) - set(names))
+    if idle:
+        raise ValueError(f"stage.merger_overrides has knobs for mergers that do not run: {idle} (running {names})")
+    mergers = {name: load_merger_config(name, dirs, root=cfg, **(overrides.get(name) or {})) for name in names}
+    for merger_cfg in mergers.values():  # every knob checked before hours of training
+        validate_merger(cfg, merger_cfg)
+
+    select = plain(cfg.stage.get("select"))
+    grids: dict[str, dict[str, list[Any]]] = {}
+    if select is not None:
+        idle = sorted(set(select) - set(names))
+        if idle:
+            raise ValueError(
+                f"stage.select has grids for mergers that do not run: {idle}; drop them with "
+                + " ".join(f"~stage.select.{u}" for u in idle)
+            )
+        for name, merger_cfg in mergers.items():
+            grid = select[name] if name in select else selection_grid(merger_cfg)
+            if grid:
+                grids[name] = dict(grid)
+
+    rows = _names(plain(cfg.stage.get("reference_rows", [])), "reference_rows", REFERENCE_ROWS)
+    if JOINT in rows and cfg.benchmark.get("joint") is None:
+        raise ValueError(
+            f"benchmark {cfg.benchmark.name} has no joint data config; drop the row with "
+            f"stage.reference_rows=[{', '.join(r for r in rows if r != JOINT)}]"
+        )
+    reduction = str(cfg.stage.get("ensemble_reduction", "mean"))
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"stage.ensemble_reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+    return PipelinePlan(mergers, grids, [r for r in REFERENCE_ROWS if r in rows], reduction)
+
+
+def task_vector_geometry(
+    theta0: StateDict, specialists: Mapping[str, StateDict], joint: StateDict | None = None
+) -> tuple[list[str], list[list[float]], dict[str, Any] | None]:
+    """The specialists' task-vector cosine matrix and, with a joint model, how τ_joint relates to every τᵢ.
+
+    One streaming pass over θ₀, the specialists and the joint model. Returns (names, N×N cosines, joint facts or
+    None); the joint facts are ‖τ_joint‖, ‖τᵢ‖ and cos(τ_joint, τᵢ): how much of joint training lies along the
+    specialists' directions, i.e. what a weight-space merge could recover.
+    """
+    if joint is not None and JOINT in specialists:
+        raise ValueError(f"a specialist may not be named {JOINT!r}: the name is reserved for the joint model")
+    models = dict(specialists) if joint is None else {**specialists, JOINT: joint}
+    order, gram = task_vector_gram(theta0, models)  # (M, M), M = N (+ 1)
+    names = [n for n in order if n != JOINT]
+    rows = [order.index(n) for n in names]
+    cosines = cosines_from_gram(gram[rows][:, rows])
+    if joint is None:
+        return names, cosines, None
+    j = order.index(JOINT)
+    norms = gram.diagonal().clamp_min(0).sqrt().tolist()
+    with_joint = cosines_from_gram(gram)[j]
+    facts = {
+        "joint_task_vector_norm": norms[j],
+        "task_vector_norms": {n: norms[order.index(n)] for n in names},
+        "cosine_with_joint": {n: with_joint[order.index(n)] for n in names},
+    }
+    return names, cosines, facts
 
 
 def pipeline(cfg: DictConfig) -> dict[str, Any]:
@@ -40,55 +143,51 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         timings[key] = round(time.perf_counter() - start, 2)
         return value
 
-    mergers = dict(cfg.stage.mergers)
-    select = plain(cfg.stage.get("select")) or {}
-    unknown = sorted(set(select) - set(mergers))
-    if unknown:
-        raise ValueError(
-            f"stage.select has grids for mergers that are not in stage.mergers: {unknown}; drop them with "
-            + " ".join(f"~stage.select.{u}" for u in unknown)
-        )
-    for merger_cfg in mergers.values():  # every knob checked before hours of training
-        validate_merger(cfg, merger_cfg)
+    plan = plan_pipeline(cfg)
     timed("base", ensure_base, cfg)
     checkpoints: dict[str, Path] = {}
     for key, data_cfg in cfg.benchmark.specialists.items():
         timed(f"finetune/{key}", train_detector, cfg, data_cfg, "specialist", reuse, group)
         checkpoints[f"specialist:{key}"] = specialist_path(cfg, data_cfg.name)
-    if "joint" in mergers:
-        if cfg.benchmark.get("joint") is None:
-            raise ValueError(f"benchmark {cfg.benchmark.name} has no joint data config; drop ~stage.mergers.joint")
-        timed("finetune/joint", train_detector, cfg, cfg.benchmark.joint, "joint", reuse, group)
-        checkpoints["joint"] = specialist_path(cfg, cfg.benchmark.joint.name)
-
+    references: dict[str, dict[str, Any]] = {}
     base, specialists = open_specialists(cfg)
-    names, matrix = task_vector_cosines(base.backbone, {n: c.backbone for n, c in specialists.items()})
+    joint = None
+    if JOINT in plan.reference_rows:
+        timed("finetune/joint", train_detector, cfg, cfg.benchmark.joint, "joint", reuse, group)
+        checkpoints[JOINT] = specialist_path(cfg, cfg.benchmark.joint.name)
+        joint = Checkpoint(checkpoints[JOINT])
+        if joint.base_hash != base.base_hash:
+            raise ValueError(f"the joint model {joint.path} was not fine-tuned from θ₀ {base.path.name}")
+
+    names, matrix, joint_facts = task_vector_geometry(
+        base.backbone, {n: c.backbone for n, c in specialists.items()}, joint.backbone if joint else None
+    )
+    if joint_facts is not None:
+        references[JOINT] = {"checkpoint": str(checkpoints[JOINT]), "diagnostics": joint_facts}
+        log.info("joint: %s; cosine(τ_joint, τᵢ) = %s", checkpoints[JOINT], joint_facts["cosine_with_joint"])
     merge_cards = {}
-    for name, merger_cfg in mergers.items():
-        if is_reference(merger_cfg):
-            merge_cards[name] = {
-                k: v for k, v in timed(f"merge/{name}", reference_card, cfg, merger_cfg).items() if k != "specialists"
-            }
-            continue
-        if name in select:
-            card = timed(f"merge/{name}", select_and_merge, cfg, merger_cfg, select[name], split, reuse)
+    for name, merger_cfg in plan.mergers.items():
+        if name in plan.grids:
+            card = timed(f"merge/{name}", select_and_merge, cfg, merger_cfg, plan.grids[name], split, reuse)
         else:
             card = timed(f"merge/{name}", merge_specialists, cfg, merger_cfg, reuse)
         merge_cards[name] = {k: card[k] for k in ("hparams", "merge_seconds", "diagnostics", "selection") if k in card}
         checkpoints[name] = Path(card.get("checkpoint_path", merged_path(cfg, merger_cfg)))
 
     members = [m for m in checkpoints if m.startswith("specialist:")]
-    ensemble = mergers.get("ensemble")
-    # Order the rows as the paper does: specialists, joint, ensemble, then the merges.
+    ensemble = "ensemble" in plan.reference_rows
+    if ensemble:
+        references["ensemble"] = {"reduction": plan.ensemble_reduction, "members": members}
     report = timed(
         "evaluate",
         evaluate_models,
         cfg,
         checkpoints,
-        ensemble=members if ensemble is not None else (),
-        reduction=str(ensemble.reduction) if ensemble is not None else "mean",
+        ensemble=members if ensemble else (),
+        reduction=plan.ensemble_reduction,
     )
-    order = [*members, "joint", "ensemble", *(m for m in mergers if m not in REFERENCE_MERGERS)]
+    # The paper's row order: specialists, joint, ensemble, then the merges.
+    order = [*members, *plan.reference_rows, *plan.mergers]
     report = report.reordered(order)
     extra = {
         "stage": "pipeline",
@@ -96,6 +195,7 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         "seed": int(cfg.seed),
         "task_vector_cosines": {"names": names, "matrix": matrix},
         "merges": merge_cards,
+        "reference_rows": references,
         "timings_seconds": timings,
         "config": plain(cfg),
     }
