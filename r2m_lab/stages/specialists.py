@@ -1,0 +1,52 @@
+"""What a merge needs before it can start: θ₀, every specialist of the benchmark and (for the joint reference row)
+the joint model. ``train_missing=true`` trains whatever of these is missing; otherwise a missing one stops the run
+with the commands (this run's recipe overrides included) that create it."""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig
+
+from r2m_lab.stages.artifacts import command, specialist_path, specialists_dir
+
+log = logging.getLogger(__name__)
+
+
+def needs_joint(cfg: DictConfig) -> bool:
+    """True when this merge or evaluation is of the joint reference row (``merger=joint`` or ``stage.model=joint``)."""
+    if str(cfg.stage.get("name")) not in ("merge", "evaluate"):
+        return False  # the pipeline trains the joint model itself when it lists it
+    merger = cfg.get("merger")
+    target = str(merger.get("_target_", "")) if merger is not None else ""
+    return target.split(".")[-2:-1] == ["joint"] or str(cfg.stage.get("model", "")) == "joint"
+
+
+def ensure_specialists(cfg: DictConfig) -> None:
+    """Make sure the benchmark's specialists (and the joint model when :func:`needs_joint`) exist for this config.
+
+    Missing ones are trained (θ₀ first, if it is missing too) when ``train_missing`` is true, reusing any that
+    already match; otherwise a :class:`FileNotFoundError` lists the commands that create them. Existing files are
+    left as they are (the merge checks that they share θ₀).
+    """
+    from r2m_lab.stages.finetune import train_detector  # a training import only where training may happen
+
+    wanted = {str(d.name): ("specialist", d) for d in cfg.benchmark.specialists.values()}
+    if needs_joint(cfg):
+        if cfg.benchmark.get("joint") is None:
+            raise ValueError(f"benchmark {cfg.benchmark.name} has no joint data config (benchmark.joint)")
+        wanted[str(cfg.benchmark.joint.name)] = ("joint", cfg.benchmark.joint)
+    missing = {name: spec for name, spec in wanted.items() if not specialist_path(cfg, name).is_file()}
+    if not missing:
+        return
+    if not cfg.get("train_missing", False):
+        commands = "\n".join(f"  {command('stage=finetune', f'data={name}')}" for name in missing)
+        raise FileNotFoundError(
+            f"{len(missing)} detector(s) this run needs were never trained for benchmark {cfg.benchmark.name}, "
+            f"seed {cfg.seed} under this recipe (looked in {specialists_dir(cfg) / f'seed{cfg.seed}'}): "
+            f"{sorted(missing)}. Train them first:\n{commands}\n"
+            f"or add train_missing=true to train them as part of this run, or run the whole method: {command()}"
+        )
+    for name, (kind, data_cfg) in missing.items():
+        log.info("train_missing=true: training the missing %s %s first", kind, name)
+        train_detector(cfg, data_cfg, kind=kind, reuse=True)
