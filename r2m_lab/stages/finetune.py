@@ -223,6 +223,7 @@ def train_detector(
             "fingerprint": fp,
             "training": record,
             "recipe_tag": recipe_tag(cfg),
+            "architecture": {"model": str(cfg.backbone.model), "kwargs": plain(cfg.backbone.kwargs)},
             **({"replaced": replaced} if replaced else {}),
         },
     )

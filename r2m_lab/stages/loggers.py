@@ -60,8 +60,9 @@ def build_logger(cfg: DictConfig, name: str, group: str | None = None) -> Any:
         os.environ.pop("WANDB_MODE", None)  # undo an earlier run's dryrun (see _USER_WANDB_MODE)
     else:
         os.environ["WANDB_MODE"] = _USER_WANDB_MODE
-    # mode= goes to wandb.init and beats every other source, so the mode decided above is the one that happens.
-    logger = instantiate(cfg.logger, name=name, group=group, offline=mode != "online", mode=mode)
+    # mode= goes to wandb.init and beats every other source, so the mode decided above is the one that happens;
+    # offline=False keeps Lightning from writing WANDB_MODE=dryrun into this process's environment.
+    logger = instantiate(cfg.logger, name=name, group=group, offline=False, mode=mode)
     logger.r2m_wandb_mode = mode
     logger.log_hyperparams({**plain(cfg), "wandb_mode": mode})
     return logger

@@ -34,7 +34,7 @@ def _provenance(cfg: DictConfig, checkpoint: Checkpoint) -> str:
     from r2m_lab.stages.artifacts import recipe_tag  # artifacts imports nothing from here; kept local all the same
 
     card = checkpoint.card()
-    made = (card.get("training") or {}).get("base", {}).get("kwargs", card.get("recipe", "not recorded"))
+    made = card.get("architecture", {}).get("kwargs", "not recorded")
     return (
         f"It is a {card.get('kind', checkpoint.metadata.get('kind', 'detector'))} of backbone "
         f"{card.get('backbone', '?')} under recipe {card.get('recipe_tag', 'not recorded')} (architecture {made}); "

@@ -8,7 +8,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from r2m_lab.stages.artifacts import command, specialist_path, specialists_dir
+from r2m_lab.stages.artifacts import base_path, command, specialist_path, specialists_dir
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ def ensure_specialists(cfg: DictConfig) -> None:
         wanted[str(cfg.benchmark.joint.name)] = ("joint", cfg.benchmark.joint)
     missing = {name: spec for name, spec in wanted.items() if not specialist_path(cfg, name).is_file()}
     if not missing:
+        if cfg.get("train_missing", False) and not base_path(cfg).is_file():
+            from r2m_lab.stages.base_model import ensure_base
+
+            ensure_base(cfg)  # θ₀ alone was deleted: the same recipe recreates it (the merge then checks its hash)
         return
     if not cfg.get("train_missing", False):
         commands = "\n".join(f"  {command('stage=finetune', f'data={name}')}" for name in missing)
