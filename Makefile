@@ -4,10 +4,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# Offline by default: no hub downloads, no albumentations update check, W&B writes locally.
+# Offline by default: no hub downloads, no albumentations update check. W&B is offline by the config
+# (logger.offline=true), not by WANDB_MODE: the variable would beat logger.offline=false (see stages/loggers.py).
 export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE ?= 1
-export WANDB_MODE ?= offline
 
 .PHONY: install demo test test-fast lint format bench bench-merge clean
 

@@ -1,7 +1,12 @@
 """``python -m r2m_lab [overrides]``: the Hydra entry point. Everything else is in :mod:`r2m_lab.stages`."""
 
+import logging
+import sys
+
 import hydra
 from omegaconf import DictConfig
+
+log = logging.getLogger("r2m_lab")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -10,8 +15,18 @@ def main(cfg: DictConfig) -> None:
     from r2m_lab.stages import run_stage  # imported here so `--help` and config errors answer fast
 
     reuse_freed_memory()  # large merges reuse freed memory instead of page-faulting it in again (see memory.py)
-    run_stage(cfg)
+    try:
+        run_stage(cfg)
+    except Exception:
+        # Into this job's own log (<run dir>/__main__.log): a sweep's failed jobs each keep their traceback there.
+        log.exception("stage=%s failed", cfg.stage.name)
+        raise
 
 
 if __name__ == "__main__":
-    main()
+    from r2m_lab.failed_jobs import report
+
+    try:
+        main()
+    finally:
+        report(sys.stderr)  # every failed job of a sweep, not only the first one Hydra re-raises

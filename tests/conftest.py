@@ -35,6 +35,16 @@ def compose_config(root: Path, overrides: list[str] = (), smoke: bool = True) ->
         return compose(config_name="config", overrides=[*base, *overrides])
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` run only where CUDA is available (they are skipped, and say why, elsewhere)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Compose:
     def _make(*overrides: str, root: Path | None = None, smoke: bool = True) -> DictConfig:

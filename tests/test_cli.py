@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -69,15 +70,71 @@ def test_help_lists_groups(tmp_path):
     assert f"merger: {mergers}" in proc.stdout
 
 
-def test_finetune_logs_an_offline_wandb_run(tmp_path):
+def test_finetune_logs_an_offline_wandb_run_and_says_why_it_is_not_online(tmp_path):
+    # WANDB_MODE=offline in the environment beats logger.offline=false: the run stays offline, and the log says so
     proc = run_cli(
-        "stage=finetune", "data=synthetic_swap", "debug=smoke", "logger=wandb", root=tmp_path, wandb_mode="offline"
+        "stage=finetune",
+        "data=synthetic_swap",
+        "debug=smoke",
+        "logger=wandb",
+        "logger.offline=false",
+        root=tmp_path,
+        wandb_mode="offline",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs").glob("*/*_finetune")
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), "an offline W&B run with its data file"
     assert (run_dir / "metrics.json").is_file()
+    log = (run_dir / "__main__.log").read_text()
+    assert "logger.offline=false asks for an online W&B run, but WANDB_MODE=offline" in log
+
+
+def test_documented_smoke_sweeps_run_from_a_fresh_checkout_and_leave_real_artifacts_alone(tmp_path):
+    """merger_sweep, then r2m_ablation (one combination of its grid), each with debug=smoke, in a root that holds
+    nothing of the smoke recipe but has files at every path the real recipe uses."""
+    from r2m_lab.stages.artifacts import base_path, specialist_path
+    from tests.conftest import compose_config
+
+    real = compose_config(tmp_path, smoke=False)
+    placeholders = [base_path(real), *(specialist_path(real, n) for n in ("synthetic_swap", "synthetic_joint"))]
+    for i, path in enumerate(placeholders):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"a real artifact %d" % i)
+    experiments = str(REPO / "experiments")
+    proc = run_cli("-cd", experiments, "-cn", "merger_sweep", "debug=smoke", root=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    job_dirs = [d for d in sweep.iterdir() if d.is_dir()]
+    assert len(job_dirs) >= 10 and all((d / "metrics.json").is_file() for d in job_dirs)
+    # the ablation after it, on what the first sweep trained; the command-line values pin one grid combination
+    one = ["rank_ratio=0.1", "merger.center=false", "merger.norm_matching=true", "merger.block_weight=none"]
+    proc = run_cli("-cd", experiments, "-cn", "r2m_ablation", "debug=smoke", *one, root=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (job,) = sorted((tmp_path / "multirun").glob("*/*"))[-1].glob("*/metrics.json")
+    assert json.loads(job.read_text())["merge"]["selection"]["chosen"]
+    assert [p.read_bytes() for p in placeholders] == [b"a real artifact %d" % i for i in range(len(placeholders))]
+
+
+def test_every_failed_sweep_job_is_reported_and_logged_in_its_own_folder(tmp_path):
+    proc = run_cli(
+        "-m", "stage=evaluate", "stage.model=specialist:nope_a,specialist:nope_b", "debug=smoke", root=tmp_path
+    )
+    assert proc.returncode != 0
+    assert "2 job(s) failed:" in proc.stderr
+    for name in ("nope_a", "nope_b"):
+        (job,) = (tmp_path / "multirun").glob(f"*/*/*{name}*")  # Hydra escapes the colon in the folder name
+        log = (job / "__main__.log").read_text()
+        assert "Traceback" in log and f"model='specialist:{name}'" in log
+        assert f"stage.model=specialist\\:{name}" in proc.stderr and str(job / "__main__.log") in proc.stderr
+
+
+def test_a_missing_specialist_names_the_command_with_this_runs_recipe(tmp_path):
+    proc = run_cli("stage=merge", "merger=average", "debug=smoke", "train_missing=false", root=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    command = f"python -m r2m_lab stage=finetune data=synthetic_swap debug=smoke paths.root={tmp_path}"
+    assert command in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "artifacts").exists()
 
 
 def test_sweep_files_compose(tmp_path):

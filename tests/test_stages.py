@@ -83,7 +83,7 @@ def test_r2m_merge_with_rank_ratio_alias(trained_root, tmp_path):
 
 
 def test_merge_refuses_missing_specialists_with_the_command_to_run(tmp_path):
-    cfg = compose_config(tmp_path, ["stage=merge"])
+    cfg = compose_config(tmp_path, ["stage=merge", "train_missing=false"])  # debug=smoke would train them
     with pytest.raises(FileNotFoundError) as err:
         run_stage(cfg)
     assert "python -m r2m_lab stage=finetune data=synthetic_swap" in str(err.value)

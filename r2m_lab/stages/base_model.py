@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from r2m_lab.backbones import create_backbone, input_config, make_head
-from r2m_lab.stages.artifacts import base_path, base_recipe, specialist_names
+from r2m_lab.stages.artifacts import base_path, base_recipe, command, specialist_names
 from r2m_lab.stages.config_nodes import plain
 from r2m_lab.weights import Checkpoint, save_detector, state_dict_hash, write_card
 
@@ -35,6 +36,15 @@ def ensure_base(cfg: DictConfig) -> Path:
     if path.is_file():
         return path
     bcfg = plain(cfg.backbone)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
+    if bcfg["weights"].get("hub") and offline:
+        # huggingface_hub reads the variable itself: the download asked for cannot happen, only a cached copy is used
+        log.warning(
+            "backbone.weights.hub=true, but HF_HUB_OFFLINE=%s in the environment forbids downloads (the Makefile sets "
+            "it unless it is already set): only a copy already in the Hugging Face cache can be used. "
+            "Run with HF_HUB_OFFLINE=0 to download.",
+            os.environ["HF_HUB_OFFLINE"],
+        )
     seed_all(int(bcfg["head_seed"]))  # the random init of a pretext backbone is part of θ₀: same config, same θ₀
     backbone = create_backbone(bcfg)
     pretext = bcfg["weights"].get("pretext")
@@ -73,9 +83,9 @@ def require_base(cfg: DictConfig, device: str = "cpu") -> Checkpoint:
     path = base_path(cfg)
     if not path.is_file():
         raise FileNotFoundError(
-            f"θ₀ for backbone {cfg.backbone.name} not found at {path}. It is created by the first fine-tune: run "
-            f"`python -m r2m_lab stage=finetune data=<family>` for each of {specialist_names(cfg)} "
-            "(or `python -m r2m_lab stage=pipeline`)."
+            f"θ₀ for backbone {cfg.backbone.name} (this recipe) not found at {path}. It is created by the first "
+            f"fine-tune: run `{command('stage=finetune', 'data=<family>')}` for each of {specialist_names(cfg)}, "
+            f"or the whole method: `{command()}`, or add train_missing=true to a merge."
         )
     return Checkpoint(path, device=device)
 

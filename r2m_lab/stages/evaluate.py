@@ -21,10 +21,11 @@ from r2m_lab.evaluation import writers
 from r2m_lab.evaluation.ensemble import check_reduction, combine
 from r2m_lab.evaluation.report import VALIDATION, ModelResult, RunReport, ScoredSet
 from r2m_lab.evaluation.scoring import UniqueFrameScorer
-from r2m_lab.stages.artifacts import merged_path, output_dir, specialist_names, specialist_path
+from r2m_lab.stages.artifacts import command, merged_path, output_dir, specialist_names, specialist_path
 from r2m_lab.stages.loggers import build_logger, close_logger
 from r2m_lab.stages.merger_config import merger_name
 from r2m_lab.stages.models import load_detector, model_input_config, resolve_device
+from r2m_lab.stages.specialists import ensure_specialists
 from r2m_lab.weights import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,13 @@ def evaluate_model(
     ``extra`` goes into metrics.json."""
     if spec == "ensemble":
         reduction = ensemble_reduction(cfg)
+        ensure_specialists(cfg)  # train_missing=true trains what the ensemble lacks; else the commands are named
         members = {f"specialist:{n}": resolve_model(cfg, f"specialist:{n}")[1] for n in specialist_names(cfg)}
         report = evaluate_models(cfg, members, ensemble=list(members), reduction=reduction)
         title = f"ensemble of {len(members)} specialists on {cfg.benchmark.name}"
     else:
+        if spec == "joint":
+            ensure_specialists(cfg, specialists=False, joint=True)
         default_label, path = resolve_model(cfg, spec)
         label = label or default_label
         report = evaluate_models(cfg, {label: path})
@@ -77,16 +81,16 @@ def resolve_model(cfg: DictConfig, spec: str) -> tuple[str, Path]:
     """(row label, checkpoint path) of a model spec; a missing checkpoint is refused with the command that makes it."""
     if spec == "merged":
         path, label = merged_path(cfg, cfg.merger), f"merged:{merger_name(cfg.merger)}"
-        hint = "python -m r2m_lab stage=merge (with the same merger overrides)"
+        hint = f"{command('stage=merge')} (with the same merger overrides)"
     elif spec == "joint":
         if cfg.benchmark.get("joint") is None:
             raise ValueError(f"benchmark {cfg.benchmark.name} has no joint data config: it has no joint model")
         path, label = specialist_path(cfg, cfg.benchmark.joint.name), "joint"
-        hint = f"python -m r2m_lab stage=finetune data={cfg.benchmark.joint.name}"
+        hint = command("stage=finetune", f"data={cfg.benchmark.joint.name}")
     elif spec.startswith("specialist:"):
         name = spec.split(":", 1)[1]
         path, label = specialist_path(cfg, name), spec
-        hint = f"python -m r2m_lab stage=finetune data={name}"
+        hint = command("stage=finetune", f"data={name}")
     else:
         path, label = Path(spec), Path(spec).stem
         hint = "a detector checkpoint written by r2m_lab"

@@ -1,9 +1,16 @@
-"""stage=finetune: one specialist (or the joint model) fine-tuned from the shared θ₀ on one data config."""
+"""stage=finetune: one specialist (or the joint model) fine-tuned from the shared θ₀ on one data config.
+
+A detector's path is stable (merges and tables point at it), so a file there is never replaced by a *different* one
+without ``overwrite=true``: the card's training fingerprint is compared first, and a replacement is recorded in the
+new card (``replaced``). The same fingerprint is reused.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
@@ -13,7 +20,14 @@ from r2m_lab.atomic import write_json_atomic
 from r2m_lab.data.loaders import DetectionDataModule, FrameDataset, build_augment, build_transform, eval_loader
 from r2m_lab.detector import score_frames
 from r2m_lab.evaluation.metrics import evaluate_scores, fit_threshold
-from r2m_lab.stages.artifacts import output_dir, specialist_path
+from r2m_lab.stages.artifacts import (
+    command,
+    output_dir,
+    recipe_tag,
+    specialist_path,
+    specialists_dir,
+    training_recipe,
+)
 from r2m_lab.stages.base_model import ensure_base, seed_all
 from r2m_lab.stages.config_nodes import fingerprint, plain
 from r2m_lab.stages.loggers import build_logger, close_logger
@@ -27,22 +41,87 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune a detector on ``cfg.data``; write it (safetensors + card) to its stable artifacts path."""
     joint = cfg.benchmark.get("joint")
     kind = "joint" if joint is not None and joint.name == cfg.data.name else "specialist"
-    card = train_detector(cfg, cfg.data, kind=kind, reuse=False)
+    # The same fingerprint is reused (say so); overwrite=true retrains it, or replaces a different one.
+    card = train_detector(cfg, cfg.data, kind=kind, reuse=not cfg.get("overwrite", False))
     write_json_atomic(output_dir(cfg) / "metrics.json", card)
     return card
 
 
+def training_record(cfg: DictConfig, data_cfg: DictConfig, base_hash: str) -> dict[str, Any]:
+    """Everything a trained detector depends on (what its fingerprint hashes; kept in its card to say what changed).
+
+    Paths under ``paths.root`` are written relative to it, so a checkout (or a copied artifacts tree) that moves
+    keeps its fingerprints.
+    """
+    root = str(cfg.paths.root).rstrip("/")
+    return {
+        "base": base_hash,
+        "data": _relative_to(plain(data_cfg), root),
+        "recipe": plain(cfg.backbone.recipe),
+        "seed": int(cfg.seed),
+        "precision": str(cfg.trainer.precision),
+    }
+
+
 def training_fingerprint(cfg: DictConfig, data_cfg: DictConfig, base_hash: str) -> str:
-    """Everything a trained detector depends on; equal fingerprints mean the artifact can be reused."""
-    return fingerprint(
-        {
-            "base": base_hash,
-            "data": plain(data_cfg),
-            "recipe": plain(cfg.backbone.recipe),
-            "seed": cfg.seed,
-            "precision": cfg.trainer.precision,
-        }
-    )
+    """The hash of :func:`training_record`; equal fingerprints mean the artifact can be reused."""
+    return fingerprint(training_record(cfg, data_cfg, base_hash))
+
+
+def _relative_to(obj: Any, root: str) -> Any:
+    if isinstance(obj, dict):
+        return {k: _relative_to(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_relative_to(v, root) for v in obj]
+    if isinstance(obj, str) and root and (obj == root or obj.startswith(f"{root}/")):
+        return "${paths.root}" + obj[len(root) :]
+    return obj
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def record_differences(old: Any, new: Mapping[str, Any], limit: int = 6) -> list[str]:
+    """``key: old → new`` for each leaf where two training records differ (the first ``limit``)."""
+    if not isinstance(old, dict):
+        return ["the existing card has no training record (written before fingerprints were recorded)"]
+    a, b = _flatten(old), _flatten(dict(new))
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    shown = [f"{k}: {_short(a.get(k, '<absent>'))} → {_short(b.get(k, '<absent>'))}" for k in keys[:limit]]
+    return shown + ([f"… and {len(keys) - limit} more"] if len(keys) > limit else [])
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def check_replacement(cfg: DictConfig, path: Path, kind: str, fp: str, record: Mapping[str, Any]) -> dict[str, Any]:
+    """Refuse to replace the detector at ``path`` by a different one unless ``overwrite=true``; return what the new
+    card records about the replaced one (empty when nothing different is replaced)."""
+    if not path.is_file():
+        return {}
+    old = Checkpoint(path).card()
+    if old.get("fingerprint") == fp:
+        return {}
+    differences = record_differences(old.get("training"), record)
+    if not cfg.get("overwrite", False):
+        lines = "\n".join(f"  {d}" for d in differences)
+        retrain = command("stage=finetune", f"data={record['data'].get('name', '<data>')}", "overwrite=true")
+        raise FileExistsError(
+            f"{path} already holds a {kind} trained differently (fingerprint {old.get('fingerprint')}, this config "
+            f"gives {fp}); merges, evaluations and tables built on it would change without notice. What differs:\n"
+            f"{lines}\nTo replace it (recorded in the new card), re-run with overwrite=true, e.g. {retrain}\n"
+            "To keep both: give this config another paths.artifacts_dir."
+        )
+    log.warning("overwrite=true: replacing %s %s (fingerprint %s → %s)", kind, path, old.get("fingerprint"), fp)
+    return {"fingerprint": old.get("fingerprint"), "git_commit": old.get("git_commit"), "differences": differences}
 
 
 def train_detector(
@@ -57,12 +136,14 @@ def train_detector(
     train_frames, val_frames = source.frames("train"), source.frames("val")
     base = Checkpoint(ensure_base(cfg))
     path = specialist_path(cfg, data_cfg.name)
-    fp = training_fingerprint(cfg, data_cfg, base.base_hash)
+    record = training_record(cfg, data_cfg, base.base_hash)
+    fp = fingerprint(record)
     if reuse and path.is_file():
         card = Checkpoint(path).card()
         if card.get("fingerprint") == fp:
-            log.info("Reusing %s %s (same fingerprint %s)", kind, path, fp)
+            log.info("Reusing %s %s (same fingerprint %s; overwrite=true retrains it)", kind, path, fp)
             return card
+    replaced = check_replacement(cfg, path, kind, fp, record)  # before any training: a refusal costs nothing
     seed_all(cfg.seed)
     recipe = cfg.backbone.recipe
     model = load_detector(cfg, base, with_optimizer=True)
@@ -140,7 +221,14 @@ def train_detector(
             "threshold_mode": "eer on val",
             "val_metrics": val_metrics,
             "fingerprint": fp,
+            "training": record,
+            "recipe_tag": recipe_tag(cfg),
+            "architecture": {"model": str(cfg.backbone.model), "kwargs": plain(cfg.backbone.kwargs)},
+            **({"replaced": replaced} if replaced else {}),
         },
     )
+    recipe_file = specialists_dir(cfg) / "recipe.json"
+    if not recipe_file.is_file():  # what the folder's tag stands for, for a reader of artifacts/
+        write_json_atomic(recipe_file, {"tag": recipe_tag(cfg), **training_recipe(cfg)})
     log.info("%s %s: val AUC %.3f, written to %s", kind, data_cfg.name, val_metrics["frame"]["auc"], path)
     return card

@@ -1,7 +1,15 @@
-"""The experiment loggers of a run: W&B (offline by default) or CSV, built from ``cfg.logger``."""
+"""The experiment loggers of a run: W&B (offline by default) or CSV, built from ``cfg.logger``.
+
+W&B's mode has two sources: ``logger.offline`` and the ``WANDB_MODE`` environment variable. The variable wins (as W&B
+documents it): a run never goes online when the environment says offline or disabled, and never stays offline when
+it says online. When the two disagree a warning names both, and the mode that took effect is recorded in the run's
+hyper-parameters (``wandb_mode``) and on the logger (``r2m_wandb_mode``).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 from hydra.utils import instantiate
@@ -9,14 +17,54 @@ from omegaconf import DictConfig
 
 from r2m_lab.stages.config_nodes import plain
 
+log = logging.getLogger(__name__)
+
+# The user's WANDB_MODE, read before Lightning can change it: WandbLogger(offline=True) writes WANDB_MODE=dryrun into
+# os.environ, which would otherwise leak into every later run of the same process (a sweep's next job).
+_USER_WANDB_MODE = os.environ.get("WANDB_MODE")
+_ALIASES = {"dryrun": "offline", "run": "online", "shared": "online"}
+
+
+def wandb_mode(offline: bool, env: str | None) -> tuple[str, str | None]:
+    """The W&B mode that takes effect for ``logger.offline`` under ``WANDB_MODE=env`` (None: unset), and a warning
+    when the environment overrides what the config asked for."""
+    asked = "offline" if offline else "online"
+    if env is None or not env.strip():
+        return asked, None
+    mode = _ALIASES.get(env.strip().lower(), env.strip().lower())
+    if mode not in ("online", "offline", "disabled"):
+        raise ValueError(f"WANDB_MODE={env!r} in the environment is not a W&B mode (online | offline | disabled)")
+    if mode == asked:
+        return mode, None
+    return mode, (
+        f"logger.offline={str(offline).lower()} asks for an {asked} W&B run, but WANDB_MODE={env} in the environment "
+        f"makes it {mode} (W&B's environment variable takes precedence). "
+        + ("Unset WANDB_MODE (or set WANDB_MODE=online) to log online." if asked == "online" else "")
+        + ("Use logger=csv for local metrics without W&B." if mode == "disabled" else "")
+        + ("Unset WANDB_MODE to keep runs offline." if mode == "online" else "")
+    )
+
 
 def build_logger(cfg: DictConfig, name: str, group: str | None = None) -> Any:
     """The configured Lightning logger (W&B offline by default) for one run; ``None`` when ``logger=null``."""
     if cfg.get("logger") is None:
         return None
-    kwargs = {"group": group} if str(cfg.logger._target_).endswith("WandbLogger") else {}
-    logger = instantiate(cfg.logger, name=name, **kwargs)
-    logger.log_hyperparams(plain(cfg))
+    if not str(cfg.logger._target_).endswith("WandbLogger"):
+        logger = instantiate(cfg.logger, name=name)
+        logger.log_hyperparams(plain(cfg))
+        return logger
+    mode, warning = wandb_mode(bool(cfg.logger.get("offline", False)), _USER_WANDB_MODE)
+    if warning:
+        log.warning(warning)
+    if _USER_WANDB_MODE is None:
+        os.environ.pop("WANDB_MODE", None)  # undo an earlier run's dryrun (see _USER_WANDB_MODE)
+    else:
+        os.environ["WANDB_MODE"] = _USER_WANDB_MODE
+    # mode= goes to wandb.init and beats every other source, so the mode decided above is the one that happens;
+    # offline=False keeps Lightning from writing WANDB_MODE=dryrun into this process's environment.
+    logger = instantiate(cfg.logger, name=name, group=group, offline=False, mode=mode)
+    logger.r2m_wandb_mode = mode
+    logger.log_hyperparams({**plain(cfg), "wandb_mode": mode})
     return logger
 
 

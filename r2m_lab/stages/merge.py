@@ -31,6 +31,7 @@ from r2m_lab.stages.base_model import require_base
 from r2m_lab.stages.config_nodes import fingerprint, plain
 from r2m_lab.stages.merger_config import build_run_merger, merger_hparams, merger_name, validate_merger
 from r2m_lab.stages.models import detector_from_state, model_input_config, resolve_device
+from r2m_lab.stages.specialists import ensure_specialists
 from r2m_lab.weights import Checkpoint, save_detector, write_card
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def merge(cfg: DictConfig) -> dict[str, Any]:
 
 def open_specialists(cfg: DictConfig, device: str = "cpu") -> tuple[Checkpoint, dict[str, Checkpoint]]:
     """θ₀ and the benchmark's specialists, refused unless every specialist descends from this θ₀."""
+    ensure_specialists(cfg)  # trains what is missing (train_missing=true) or names the commands that would
     names = specialist_names(cfg)
     missing = [n for n in names if not specialist_path(cfg, n).is_file()]
     if missing:

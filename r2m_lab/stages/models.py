@@ -26,7 +26,21 @@ def load_detector(cfg: DictConfig, checkpoint: Checkpoint, with_optimizer: bool 
     try:
         return detector_from_state(cfg, checkpoint.backbone_state(), checkpoint.head, with_optimizer)
     except ValueError as err:
-        raise ValueError(f"{checkpoint.path} {err}") from err
+        raise ValueError(f"{checkpoint.path} {err}\n{_provenance(cfg, checkpoint)}") from err
+
+
+def _provenance(cfg: DictConfig, checkpoint: Checkpoint) -> str:
+    """Where a checkpoint that does not fit came from (its card) against what this config builds."""
+    from r2m_lab.stages.artifacts import recipe_tag  # artifacts imports nothing from here; kept local all the same
+
+    card = checkpoint.card()
+    made = card.get("architecture", {}).get("kwargs", "not recorded")
+    return (
+        f"It is a {card.get('kind', checkpoint.metadata.get('kind', 'detector'))} of backbone "
+        f"{card.get('backbone', '?')} under recipe {card.get('recipe_tag', 'not recorded')} (architecture {made}); "
+        f"this config builds {recipe_tag(cfg)} (architecture {plain(cfg.backbone.kwargs)}). A debug=smoke artifact, "
+        "for instance, only loads with debug=smoke."
+    )
 
 
 def detector_from_state(
@@ -43,8 +57,26 @@ def detector_from_state(
     try:
         model.load_weights(backbone_state, head_state)
     except RuntimeError as err:
-        raise ValueError(f"does not fit backbone={cfg.backbone.name} ({cfg.backbone.model}): {err}") from err
+        # torch's message lists every mismatched tensor (137 lines for a smoke checkpoint): summarise it instead
+        summary = _misfit(model.backbone.state_dict(), backbone_state) or str(err)
+        raise ValueError(f"does not fit backbone={cfg.backbone.name} ({cfg.backbone.model}): {summary}") from err
     return model
+
+
+def _misfit(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
+    """A few lines on how ``given`` differs from ``expected`` (missing / unexpected keys, other shapes)."""
+    shapes = [k for k in expected.keys() & given.keys() if tuple(expected[k].shape) != tuple(given[k].shape)]
+    parts = []
+    if shapes:
+        k = sorted(shapes)[0]
+        parts.append(
+            f"{len(shapes)} tensor(s) have other shapes (e.g. {k}: checkpoint {tuple(given[k].shape)}, "
+            f"model {tuple(expected[k].shape)})"
+        )
+    for what, keys in (("missing", expected.keys() - given.keys()), ("unexpected", given.keys() - expected.keys())):
+        if keys:
+            parts.append(f"{len(keys)} {what} key(s) (e.g. {sorted(keys)[0]})")
+    return "; ".join(parts)
 
 
 def model_input_config(cfg: DictConfig, model: Detector) -> dict[str, Any]:

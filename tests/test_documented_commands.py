@@ -1,0 +1,235 @@
+"""Every command in README.md and experiments/README.md is exercised: run here, checked to fail fast as documented,
+or run by a named test (on the smoke preset and the tests' small data trees where the literal command needs real
+data, real weights or hours). A command added to a README without an entry in ``COVERAGE`` fails this suite.
+
+To cover a new command, add it to ``COVERAGE`` with one or more checks:
+
+- ``Test("tests/test_x.py::test_name")``: a test that runs the command's code path (the test must exist);
+- ``FailsFast("message")``: run literally (``paths.root`` in a temp folder); it must stop within a minute and say this;
+- ``Make("line")``: ``make -n <target>`` must show this line (the target's recipe, without running it).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+READMES = (REPO / "README.md", REPO / "experiments" / "README.md")
+
+
+@dataclass(frozen=True)
+class Test:
+    """The command's code path is run by this test (``tests/<file>.py::<function>``)."""
+
+    node: str
+
+
+@dataclass(frozen=True)
+class FailsFast:
+    """Run literally: it must exit non-zero within ``seconds`` with ``message`` in its output."""
+
+    message: str
+    seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class Make:
+    """``make -n <target>`` (nothing run) must print ``line``."""
+
+    line: str
+
+
+PIPELINE = Test("tests/test_stages.py::test_pipeline_end_to_end_and_reuse")
+SWEEPS = Test(
+    "tests/test_cli.py::test_documented_smoke_sweeps_run_from_a_fresh_checkout_and_leave_real_artifacts_alone"
+)
+MULTIRUN = Test("tests/test_cli.py::test_multirun_merge_sweep")
+REAL_DATA = Test("tests/test_data.py::test_real_data_finetune_then_evaluate")
+AUGMENT = Test("tests/test_data.py::test_augmentation_knobs_change_the_pipeline")
+
+COVERAGE: dict[str, tuple[Test | FailsFast | Make, ...]] = {
+    # README.md: two commands
+    "make demo": (Make("bin/python -m r2m_lab"), PIPELINE),
+    "make test": (Make("WANDB_MODE=disabled"),),  # the suite itself
+    # README.md: everyday use
+    "python -m r2m_lab stage=finetune data=synthetic_swap": (
+        Test("tests/test_stages.py::test_finetune_stage_writes_card_and_metrics"),
+        Test("tests/test_cli.py::test_finetune_logs_an_offline_wandb_run_and_says_why_it_is_not_online"),
+    ),
+    "python -m r2m_lab stage=merge merger=r2m rank_ratio=0.1": (
+        Test("tests/test_cli.py::test_user_merge_command_literally"),
+    ),
+    "python -m r2m_lab stage=evaluate merger=r2m rank_ratio=0.1": (
+        Test("tests/test_stages.py::test_merge_and_evaluate_stages"),
+    ),
+    "python -m r2m_lab stage=merge merger=ties stage.evaluate=true": (
+        Test("tests/test_merge_stage.py::test_merge_then_evaluate_in_one_job"),
+        SWEEPS,
+    ),
+    "python -m r2m_lab stage=merge merger=task_arithmetic 'stage.select={lam:[0.1,0.3,0.5,1.0]}'": (
+        Test("tests/test_merge_stage.py::test_selection_picks_the_best_validation_auc_and_records_the_curve"),
+    ),
+    "python -m r2m_lab stage=evaluate stage.model=specialist:synthetic_swap": (
+        Test("tests/test_stages.py::test_evaluate_any_trained_model"),
+    ),
+    "python -m r2m_lab stage=evaluate merger=ensemble": (
+        Test("tests/test_merge_stage.py::test_evaluate_ensemble_is_the_mean_of_the_specialists_scores"),
+    ),
+    "python -m r2m_lab -m stage=merge merger=average,task_arithmetic,r2m": (MULTIRUN,),
+    "python -m r2m_lab logger.offline=false": (
+        Test("tests/test_safety.py::test_wandb_mode_follows_the_environment_and_says_when_it_overrides"),
+        Test("tests/test_cli.py::test_finetune_logs_an_offline_wandb_run_and_says_why_it_is_not_online"),
+    ),
+    "python -m r2m_lab logger=csv": (PIPELINE,),  # debug=smoke selects logger=csv
+    "python -m r2m_lab --help": (Test("tests/test_cli.py::test_help_lists_groups"),),
+    # README.md: real data and real backbones (no weights or data here: they must stop at once, naming what is missing)
+    "python -m r2m_lab stage=finetune backbone=clip_vit_l14 "
+    "backbone.weights.path=/models/ViT-L-14/open_clip_pytorch_model.bin data=faceforensics_df": (
+        FailsFast("Data root for data=faceforensics_df not found"),
+        REAL_DATA,
+    ),
+    "python -m r2m_lab stage=finetune data=faceforensics_df paths.data_dir=/data/deepfakes": (
+        FailsFast("Data root for data=faceforensics_df not found: /data/deepfakes"),
+        REAL_DATA,
+    ),
+    "python -m r2m_lab stage=finetune data=faceforensics_df data.compression=c40": (
+        Test("tests/test_data.py::test_ffpp_reader_compression_levels_and_windows_paths"),
+    ),
+    "python -m r2m_lab stage=finetune data=df40_method data.method=simswap data.domain=ff": (
+        Test("tests/test_data.py::test_df40_method_config_follows_its_overrides"),
+    ),
+    "python -m r2m_lab stage=finetune data=faceforensics_df data.frames_per_video=32": (REAL_DATA,),
+    "python -m r2m_lab stage=evaluate benchmark=ffpp benchmark.protocols.cross_dataset.dfdc.test_frames_per_video=8": (
+        REAL_DATA,
+        Test("tests/test_data.py::test_benchmarks_list_their_protocols"),
+    ),
+    "python -m r2m_lab stage=finetune data=faceforensics_df data.dfb_compat=true": (
+        Test("tests/test_data.py::test_sampling_evenly_spaced_vs_first_n"),
+    ),
+    "python -m r2m_lab stage=finetune data=faceforensics_df data.missing_frames=error": (
+        Test("tests/test_data.py::test_missing_frames_skip_reports_and_error_refuses"),
+    ),
+    "python -m r2m_lab benchmark=df40 backbone=clip_vit_l14 backbone.weights.path=/models/ViT-L-14.bin "
+    "paths.data_dir=/data/df40": (FailsFast("Backbone weights for clip_vit_l14 not found at /models/ViT-L-14.bin"),),
+    "python -m r2m_lab stage=finetune backbone=clip_vit_b16 backbone.recipe.augment.flip.p=0": (AUGMENT,),
+    "python -m r2m_lab stage=finetune backbone=clip_vit_b16 backbone.recipe.augment.jpeg.quality_range=[60,100]": (
+        AUGMENT,
+    ),
+    "python -m r2m_lab stage=finetune backbone=clip_vit_b16 backbone.recipe.augment.blur=null": (AUGMENT,),
+    # README.md: preprocessing, on the small video trees of tests/test_preprocess.py
+    "python -m r2m_lab stage=preprocess stage.layout=ffpp stage.input=/raw/FaceForensics++ "
+    "stage.split_dir=/raw/ffpp_splits": (
+        Test("tests/test_preprocess.py::test_ffpp_crops_follow_the_face_and_the_index_validates"),
+        FailsFast("/raw/FaceForensics++ does not exist"),
+    ),
+    "python -m r2m_lab stage=preprocess stage.layout=celebdf stage.input=/raw/Celeb-DF-v2 stage.workers=8": (
+        Test("tests/test_preprocess.py::test_celebdf_layout_test_list_labels_and_parallel_workers"),
+    ),
+    "python -m r2m_lab stage=preprocess stage.layout=folder stage.input=/raw/mine stage.dataset=Mine "
+    "stage.label=Mine_fake stage.label_value=1": (
+        Test("tests/test_preprocess.py::test_folder_layout_centre_policy_marks_faceless_frames"),
+    ),
+    # a template ("..." stands for the layout arguments above): its knobs are the preprocess tests' settings
+    "python -m r2m_lab stage=preprocess ... stage.frames_per_video=32 stage.size=256 stage.margin=1.3 "
+    "stage.output=/data/deepfakes": (Test("tests/test_preprocess.py::test_preprocess_then_finetune_and_evaluate"),),
+    # README.md prose
+    "python -m r2m_lab": (PIPELINE,),
+    "python -m r2m_lab -m seed=0,1,2": (PIPELINE, MULTIRUN),
+    "make bench-merge": (Make("bin/python -m r2m_lab.bench"), Test("tests/test_bench.py::test_bench_merge_smoke")),
+    "make lint": (Make("bin/ruff check ."),),
+    "make test-fast": (Make('-m "not slow"'),),
+    # experiments/README.md
+    "python -m r2m_lab -cd experiments -cn <file stem> [overrides]": (
+        SWEEPS,
+        Test("tests/test_cli.py::test_sweep_files_compose"),
+    ),
+    "python -m r2m_lab -cd experiments -cn merger_sweep": (SWEEPS,),
+    "python -m r2m_lab -m stage=merge merger=r2m rank_ratio=0.02,0.05,0.1,0.2,0.5,1.0": (MULTIRUN,),
+}
+
+
+def documented_commands(path: Path) -> list[str]:
+    """Commands a reader would copy: lines of code blocks, and inline code in prose, that start with
+    ``python -m r2m_lab`` or ``make``; a trailing ``# comment`` is dropped and whitespace normalised."""
+    text = path.read_text()
+    found = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            line = line.split("  #", 1)[0].strip()
+            if line.startswith(("python -m r2m_lab", "make ")):
+                found.append(" ".join(line.split()))
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    found += [" ".join(c.split()) for c in re.findall(r"`((?:python -m r2m_lab|make )[^`]*)`", prose)]
+    return list(dict.fromkeys(found))
+
+
+def all_documented() -> list[str]:
+    return list(dict.fromkeys(c for readme in READMES for c in documented_commands(readme)))
+
+
+def test_every_documented_command_has_a_check():
+    documented = all_documented()
+    assert len(documented) >= 30, "the parser found too few commands: has the README's format changed?"
+    missing = [c for c in documented if c not in COVERAGE]
+    assert not missing, "README commands without a check (add them to COVERAGE):\n" + "\n".join(missing)
+    stale = [c for c in COVERAGE if c not in documented]
+    assert not stale, "COVERAGE entries no README documents any more (remove them):\n" + "\n".join(stale)
+    assert all(COVERAGE[c] for c in documented)
+
+
+def test_every_named_test_exists():
+    for checks in COVERAGE.values():
+        for check in checks:
+            if isinstance(check, Test):
+                file, function = check.node.split("::")
+                tree = ast.parse((REPO / file).read_text())  # parsed, not imported: no heavy imports here
+                names = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+                assert function in names, f"{check.node} does not exist"
+
+
+@pytest.mark.parametrize(
+    ("command", "line"),
+    [(c, k.line) for c, ks in COVERAGE.items() for k in ks if isinstance(k, Make)],
+    ids=lambda v: v if v.startswith("make") else "",
+)
+def test_make_targets_run_what_the_readme_says(command, line, tmp_path):
+    # a venv path that does not exist: make -n prints the install step and the target's recipe, and runs nothing
+    proc = subprocess.run(
+        [*shlex.split(command), "-n", f"VENV={tmp_path}/venv"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert line in proc.stdout, proc.stdout
+
+
+FAILS_FAST = [(c, k) for c, ks in COVERAGE.items() for k in ks if isinstance(k, FailsFast)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("command", "check"), FAILS_FAST, ids=[c for c, _ in FAILS_FAST])
+def test_command_without_its_data_or_weights_stops_at_once_saying_what_is_missing(command, check, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+    args = shlex.split(command)[3:]  # after "python -m r2m_lab"
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "r2m_lab", *args, f"paths.root={tmp_path}"],
+        cwd=tmp_path,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=check.seconds,
+    )
+    assert proc.returncode != 0
+    assert check.message in proc.stderr, proc.stderr[-2000:]
+    assert time.perf_counter() - start < check.seconds
+    assert not (tmp_path / "artifacts").exists(), "nothing is trained or written before the refusal"
