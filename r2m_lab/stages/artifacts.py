@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from r2m_lab.stages.config_nodes import fingerprint, plain
 from r2m_lab.stages.merger_config import merger_hparams, merger_name
+from r2m_lab.weights import file_sha256
 
 # Overrides that choose what a command does rather than what the artifacts it needs are made of: left out when an
 # error message suggests the command that creates a missing artifact.
@@ -52,9 +53,13 @@ def artifacts_dir(cfg: DictConfig) -> Path:
 
 
 def base_recipe(cfg: DictConfig) -> dict[str, Any]:
-    """What θ₀ depends on: the architecture, its weights, the head seed and (for a pretext) the pretext data."""
+    """What θ₀ depends on: the architecture, its weights (the file's bytes, not only its path: another file at the
+    same path is another θ₀), the head seed and (for a pretext) the pretext data."""
     b = plain(cfg.backbone)
     recipe = {k: b.get(k) for k in ("name", "model", "kwargs", "weights", "head_seed")}
+    weights_file = (b.get("weights") or {}).get("path")
+    if weights_file and Path(weights_file).expanduser().is_file():
+        recipe["weights_sha256"] = file_sha256(weights_file)
     if b["weights"].get("pretext"):
         recipe["pretext_data"] = plain(cfg.synthetic)
     return recipe

@@ -73,7 +73,14 @@ def ensure_base(cfg: DictConfig) -> Path:
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     digest = state_dict_hash(state)
     save_detector(path, state, head.state_dict(), {"kind": "base", "base_hash": digest, "name": bcfg["name"]})
-    card = {"kind": "base", "name": bcfg["name"], "base_hash": digest, "recipe": base_recipe(cfg)}
+    card = {
+        "kind": "base",
+        "name": bcfg["name"],
+        "base_hash": digest,
+        "recipe": base_recipe(cfg),
+        # the weight file θ₀ was converted from (path, bytes, sha256, layout), or null for a random/pretext θ₀
+        "weights_source": getattr(backbone, "r2m_weights_source", None),
+    }
     write_card(path, {**card, "pretext_metrics": pretext_metrics} if pretext else card)
     log.info("θ₀ for %s written to %s (hash %s)", bcfg["name"], path, digest[:12])
     return path

@@ -32,7 +32,7 @@ from r2m_lab.stages.base_model import ensure_base, seed_all
 from r2m_lab.stages.config_nodes import fingerprint, plain
 from r2m_lab.stages.loggers import build_logger, close_logger
 from r2m_lab.stages.models import load_detector, model_input_config
-from r2m_lab.weights import Checkpoint, save_detector, write_card
+from r2m_lab.weights import Checkpoint, provenance, save_detector, write_card
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,8 @@ def train_detector(
             "backbone": str(cfg.backbone.name),
             "base_hash": base.base_hash,
             "base_checkpoint": str(base.path),
+            "base_source": provenance(base.path, "r2m_lab"),
+            "weights_source": base.card().get("weights_source"),  # the file θ₀ was loaded from (null: no file)
             "data": plain(data_cfg),
             "recipe": plain(recipe),
             "seed": int(cfg.seed),

@@ -31,8 +31,9 @@ from r2m_lab.stages.base_model import require_base
 from r2m_lab.stages.config_nodes import fingerprint, plain
 from r2m_lab.stages.merger_config import build_run_merger, merger_hparams, merger_name, validate_merger
 from r2m_lab.stages.models import detector_from_state, model_input_config, resolve_device
+from r2m_lab.stages.screen import screen, screen_mode
 from r2m_lab.stages.specialists import ensure_specialists
-from r2m_lab.weights import Checkpoint, save_detector, write_card
+from r2m_lab.weights import Checkpoint, provenance, save_detector, write_card
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,15 @@ def merge(cfg: DictConfig) -> dict[str, Any]:
     """Merge with ``cfg.merger`` (choosing its scalars on validation if ``stage.select`` is set); write the merged
     detector + card to its stable path and the card as this run's ``metrics.json``."""
     select = plain(cfg.stage.get("select")) or {}
+    validate_merger(cfg, cfg.merger)  # bad knobs and a bad stage.screen fail before any checkpoint is read
+    screen_mode(cfg)
+    screening = screen(cfg, *open_specialists(cfg, device=str(resolve_device(cfg))))
     if select:
         card = select_and_merge(cfg, cfg.merger, select, split=str(cfg.stage.get("select_split", SELECTION_SPLIT)))
     else:
         card = merge_specialists(cfg, cfg.merger)
+    if screening is not None:
+        card = {**card, "screening": screening}
     if cfg.stage.get("evaluate"):
         # metrics.json then holds the evaluation on every protocol with the merge card beside it, so a sweep's run
         # folders feed the table builder directly.
@@ -113,6 +119,9 @@ def merge_specialists(
         result = _run_merger(cfg, merger_cfg, base, specialists)
     seconds = time.perf_counter() - start
     save_detector(path, result.backbone, result.head, {"kind": "merged", "base_hash": base.base_hash, "name": name})
+    # Where the merged weights came from: each input file's bytes (sha256), not only its path.
+    for family, checkpoint in specialists.items():
+        sources[family]["source"] = provenance(checkpoint.path, "r2m_lab")
     card = write_card(
         path,
         {
@@ -124,6 +133,7 @@ def merge_specialists(
             "benchmark": str(cfg.benchmark.name),
             "base_hash": base.base_hash,
             "base_checkpoint": str(base.path),
+            "base_source": provenance(base.path, "r2m_lab"),
             "specialists": sources,
             "specialist_mtimes": _mtimes(specialists),
             "seed": int(cfg.seed),

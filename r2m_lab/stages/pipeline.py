@@ -28,6 +28,7 @@ from r2m_lab.stages.evaluate import evaluate_models, write_report
 from r2m_lab.stages.finetune import train_detector
 from r2m_lab.stages.merge import SELECTION_SPLIT, merge_specialists, open_specialists, select_and_merge
 from r2m_lab.stages.merger_config import validate_merger
+from r2m_lab.stages.screen import screen, screen_mode
 from r2m_lab.weights import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         return value
 
     plan = plan_pipeline(cfg)
+    screen_mode(cfg)  # a bad stage.screen fails before any training
     timed("base", ensure_base, cfg)
     checkpoints: dict[str, Path] = {}
     for key, data_cfg in cfg.benchmark.specialists.items():
@@ -151,6 +153,7 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         checkpoints[f"specialist:{key}"] = specialist_path(cfg, data_cfg.name)
     references: dict[str, dict[str, Any]] = {}
     base, specialists = open_specialists(cfg)
+    screening = timed("screen", screen, cfg, base, specialists)
     joint = None
     if JOINT in plan.reference_rows:
         timed("finetune/joint", train_detector, cfg, cfg.benchmark.joint, "joint", reuse, group)
@@ -196,6 +199,7 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         "task_vector_cosines": {"names": names, "matrix": matrix},
         "merges": merge_cards,
         "reference_rows": references,
+        "screening": screening,
         "timings_seconds": timings,
         "config": plain(cfg),
     }
