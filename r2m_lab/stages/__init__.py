@@ -11,6 +11,7 @@ from r2m_lab.stages.evaluate import evaluate
 from r2m_lab.stages.finetune import finetune
 from r2m_lab.stages.merge import merge
 from r2m_lab.stages.pipeline import pipeline
+from r2m_lab.stages.predict import predict
 from r2m_lab.stages.preprocess import preprocess
 
 STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
@@ -19,6 +20,7 @@ STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "evaluate": evaluate,
     "pipeline": pipeline,
     "preprocess": preprocess,
+    "predict": predict,
 }
 
 
