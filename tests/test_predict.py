@@ -136,6 +136,14 @@ def test_folder_reports_bad_files_and_faceless_videos_with_no_score(setup):
     given, _ = run_predict(root, "given", f"stage.input={inputs / 'astronaut.png'}", "stage.threshold=0.0")
     assert given["threshold"] == {"value": 0.0, "stored": False, "source": "given: stage.threshold=0.0"}
     assert given["items"][0]["decision"] == "fake"
+    # output written into the input folder: a re-run does not score its own annotated frames or read its CSVs
+    alone = root / "alone"
+    alone.mkdir()
+    (alone / "astronaut.png").write_bytes((inputs / "astronaut.png").read_bytes())
+    for _ in range(2):
+        again, _ = run_predict(root, "alone", f"stage.input={alone}", "stage.annotate=true")
+        assert [i["input"] for i in again["items"]] == ["astronaut.png"]
+    assert (alone / "annotated" / "astronaut.png" / "000.png").is_file()
 
 
 def test_bad_input_and_code_checkpoints_are_refused(setup, tmp_path):

@@ -53,6 +53,7 @@ ITEM_COLUMNS = (
     "input", "kind", "status", "score", "decision", "threshold", "threshold_stored",
     "frames_sampled", "frames_scored", "frames_no_face", "frames_unreadable", "message",
 )  # fmt: skip
+OUTPUT_FILES = ("predictions.json", "predictions.csv", "predictions_frames.csv")
 FRAME_COLUMNS = ("input", "frame", "status", "score", "decision", "x0", "y0", "x1", "y1")
 
 
@@ -90,7 +91,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"stage.frames={st.frames}; give a positive number of frames per video")
     if reduce not in REDUCTIONS:
         raise ValueError(f"stage.reduce={reduce!r}; valid: {list(REDUCTIONS)}")
-    inputs = list_inputs(Path(str(st.input)), st.video_extensions, st.image_extensions)
+    out = Path(str(st.output)).absolute() if st.output is not None else output_dir(cfg)
+    inputs = list_inputs(Path(str(st.input)), st.video_extensions, st.image_extensions, exclude=out)
 
     spec = str(st.model)
     if spec == "ensemble":
@@ -112,7 +114,6 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         resolve_detector_name(str(st.detector)), plain(st.detector_options) or {}, float(st.margin), int(st.size)
     )
     scorer = FrameScorer(model, transform, resolve_device(cfg), int(cfg.eval_batch_size))
-    out = Path(str(st.output)).absolute() if st.output is not None else output_dir(cfg)
     annotate_dir = out / "annotated" if bool(st.annotate) else None
 
     rows = []
@@ -155,11 +156,14 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def list_inputs(path: Path, video_extensions: Sequence[str], image_extensions: Sequence[str]) -> Inputs:
+def list_inputs(
+    path: Path, video_extensions: Sequence[str], image_extensions: Sequence[str], exclude: Path | None = None
+) -> Inputs:
     """The files ``path`` names (itself, or every file under a folder, sorted) with their kind.
 
     A single file that is neither a video nor an image is refused; in a folder such files are kept as ``other``
-    so that the output reports them.
+    so that the output reports them. What predict itself writes into ``exclude`` (the output folder, when it lies in
+    the input) is not read, and that is logged: a re-run must not score its own annotated frames.
     """
     videos, images = {e.lower() for e in video_extensions}, {e.lower() for e in image_extensions}
 
@@ -176,6 +180,12 @@ def list_inputs(path: Path, video_extensions: Sequence[str], image_extensions: S
     if not path.is_dir():
         raise FileNotFoundError(f"stage.input={path} does not exist; give a video, an image or a folder of them")
     files = sorted(p for p in path.rglob("*") if p.is_file())
+    if exclude is not None:
+        out = exclude.absolute()
+        ours = {p for p in files if (p.parent == out and p.name in OUTPUT_FILES) or p.is_relative_to(out / "annotated")}
+        if ours:
+            log.info("predict: not reading the %d file(s) a previous stage=predict wrote in %s", len(ours), out)
+        files = [p for p in files if p not in ours]
     if not files:
         raise FileNotFoundError(f"stage.input={path} is an empty folder; give a video, an image or a folder of them")
     return Inputs(path, [(p, kind(p)) for p in files], folder=True)
