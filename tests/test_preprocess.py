@@ -15,7 +15,16 @@ from skimage import data
 
 from r2m_lab.data import faces
 from r2m_lab.data.index import read_index
-from r2m_lab.data.preprocess import MANIFEST, CropSettings, hash_split, plan, sample_indices
+from r2m_lab.data.preprocess import (
+    MANIFEST,
+    CelebDFLayout,
+    CropSettings,
+    FFPPLayout,
+    FolderLayout,
+    hash_split,
+    plan,
+    sample_indices,
+)
 from r2m_lab.data.sources import DeepfakeBenchSource
 from r2m_lab.stages import run_stage
 from tests.conftest import compose_config
@@ -101,8 +110,8 @@ def ffpp(tmp_path_factory):
     cfg = preprocess_cfg(
         root,
         f"stage.input={root / 'raw'}",
-        "stage.layout=ffpp",
-        f"stage.split_dir={official_splits(root / 'splits')}",
+        "layout=ffpp",
+        f"layout.split_dir={official_splits(root / 'splits')}",
         "stage.workers=0",
     )
     summary = run_stage(cfg)
@@ -163,7 +172,7 @@ def test_corrupt_and_faceless_videos_are_reported_not_fatal(ffpp):
 
 def test_rerun_skips_finished_videos_and_gives_identical_bytes(tmp_path):
     ffpp_tree(tmp_path / "raw")
-    args = [f"stage.input={tmp_path / 'raw'}", "stage.layout=ffpp", "stage.workers=0", "stage.progress=false"]
+    args = [f"stage.input={tmp_path / 'raw'}", "layout=ffpp", "stage.workers=0", "stage.progress=false"]
     first = run_stage(preprocess_cfg(tmp_path, *args))
     before = tree_bytes(tmp_path / "data")
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*.png")}
@@ -188,9 +197,9 @@ def test_nothing_prepared_is_overwritten_without_overwrite(tmp_path):
     write_video(raw / "a.mp4", 0)
     args = [
         f"stage.input={raw}",
-        "stage.dataset=Mine",
-        "stage.label=Mine_real",
-        "stage.label_value=0",
+        "layout.dataset=Mine",
+        "layout.label=Mine_real",
+        "layout.label_value=0",
         "stage.workers=0",
     ]
     index = tmp_path / "data/dataset_json/Mine.json"
@@ -221,7 +230,7 @@ def test_nothing_prepared_is_overwritten_without_overwrite(tmp_path):
 
 def test_celebdf_layout_test_list_labels_and_parallel_workers(tmp_path):
     celebdf_tree(tmp_path / "raw")
-    args = [f"stage.input={tmp_path / 'raw'}", "stage.layout=celebdf"]
+    args = [f"stage.input={tmp_path / 'raw'}", "layout=celebdf"]
     run_stage(preprocess_cfg(tmp_path, *args, "stage.workers=2", f"stage.output={tmp_path / 'par'}"))
     run_stage(preprocess_cfg(tmp_path, *args, "stage.workers=0", f"stage.output={tmp_path / 'seq'}"))
     assert tree_bytes(tmp_path / "par") == tree_bytes(tmp_path / "seq")  # workers change nothing but the speed
@@ -240,8 +249,8 @@ def test_folder_layout_centre_policy_marks_faceless_frames(tmp_path):
     raw = tmp_path / "raw"
     write_video(raw / "clips/face.mp4", 0)
     write_video(raw / "blank.avi", blank=True)
-    summary = run_stage(preprocess_cfg(tmp_path, f"stage.input={raw}", "stage.dataset=Mine", "stage.label=Mine_fake",
-                                       "stage.label_value=1", "stage.split=test", "stage.no_face=centre",
+    summary = run_stage(preprocess_cfg(tmp_path, f"stage.input={raw}", "layout.dataset=Mine", "layout.label=Mine_fake",
+                                       "layout.label_value=1", "layout.split=test", "stage.no_face=centre",
                                        "stage.workers=0"))  # fmt: skip
     index = read_index(tmp_path / "data/dataset_json/Mine.json", "Mine")
     assert set(index["Mine_fake"]["test"]) == {"clips_face", "blank"}
@@ -253,14 +262,21 @@ def test_folder_layout_centre_policy_marks_faceless_frames(tmp_path):
 
 def test_bad_input_names_the_path_and_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nowhere does not exist; expected a FaceForensics\+\+ tree"):
-        plan("ffpp", tmp_path / "nowhere")
+        plan(FFPPLayout(), tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="original_sequences/youtube/c23/videos.*stage.compression=c23"):
-        plan("ffpp", tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="original_sequences/youtube/c23/videos.*layout.compression=c23"):
+        plan(FFPPLayout(), tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="Celeb-real.*expected a Celeb-DF tree"):
-        plan("celebdf", tmp_path / "empty")
-    with pytest.raises(ValueError, match="stage.layout=folder needs stage.dataset"):
-        plan("folder", tmp_path / "empty")
+        plan(CelebDFLayout(), tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="empty holds no videos; expected a folder of videos"):
+        plan(FolderLayout("Mine", "Mine_real", 0), tmp_path / "empty")
+    # a layout's knobs are checked when its config entry is instantiated, naming the knob
+    with pytest.raises(ValueError, match="layout=folder needs layout.dataset"):
+        run_stage(preprocess_cfg(tmp_path, f"stage.input={tmp_path / 'empty'}"))
+    with pytest.raises(ValueError, match=r"layout.methods: unknown FF\+\+ method 'Deepfake'"):
+        run_stage(preprocess_cfg(tmp_path, f"stage.input={tmp_path}", "layout=ffpp", "layout.methods=[Deepfake]"))
+    with pytest.raises(ValueError, match="layout.dataset='Mine'.*layout.real_label"):
+        run_stage(preprocess_cfg(tmp_path, f"stage.input={tmp_path}", "layout=celebdf", "layout.dataset=Mine"))
     with pytest.raises(ValueError, match="stage=preprocess needs stage.input"):
         run_stage(preprocess_cfg(tmp_path))
     with pytest.raises(ValueError, match="stage.no_face='drop'"):
@@ -318,7 +334,7 @@ def test_preprocess_then_finetune_and_evaluate(ffpp, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(ffpp_data, data)
     celebdf_tree(tmp_path / "celebdf")
-    run_stage(preprocess_cfg(tmp_path, f"stage.input={tmp_path / 'celebdf'}", "stage.layout=celebdf",
+    run_stage(preprocess_cfg(tmp_path, f"stage.input={tmp_path / 'celebdf'}", "layout=celebdf",
                              "stage.workers=0", f"stage.output={data}"))  # fmt: skip
     src = DeepfakeBenchSource("x", "FF-DF", str(data / "dataset_json/FF-DF.json"), str(data), ["FF-real"], ["FF-DF"])
     train = src.frames("train")
@@ -339,3 +355,20 @@ def test_preprocess_then_finetune_and_evaluate(ffpp, tmp_path):
     assert set(tests) == {"in_distribution/df", "cross_dataset/celebdf_v2"}
     for metrics in tests.values():
         assert 0.0 <= metrics["frame"]["auc"] <= 1.0
+
+
+def test_every_layout_entry_names_its_planner():
+    """conf/layout/<name>.yaml builds the planner whose name it is; an unknown knob is refused, naming the layout."""
+    from r2m_lab.data.preprocess import Layout
+    from r2m_lab.stages.preprocess import build_layout
+
+    entries = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "layout").glob("*.yaml"))
+    assert entries == ["celebdf", "ffpp", "folder"]
+    required = {"folder": ["layout.dataset=D", "layout.label=D_real", "layout.label_value=0"]}
+    for name in entries:
+        cfg = compose_config(Path("/nonexistent"), ["stage=preprocess", f"layout={name}", *required.get(name, [])])
+        layout = build_layout(cfg.layout)
+        assert isinstance(layout, Layout) and layout.name == name
+    cfg = compose_config(Path("/nonexistent"), ["stage=preprocess", "layout=ffpp", "+layout.level=c40"])
+    with pytest.raises(TypeError, match="layout=ffpp: knobs .*level.* do not fit"):
+        build_layout(cfg.layout)

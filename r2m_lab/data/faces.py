@@ -1,11 +1,11 @@
-"""Face detectors for ``stage=preprocess`` and the crop / 5-point alignment they feed.
+"""Face detectors for ``stage=preprocess`` and ``stage=predict``, and the crop / 5-point alignment they feed.
 
 A detector maps one BGR uint8 frame (as OpenCV decodes it) to a list of :class:`Face` boxes, with five landmarks
 (eyes, nose tip, mouth corners, in the image's left-to-right order) where the detector gives them. OpenCV's Haar
 cascade ships with ``opencv-python-headless`` and always works; MTCNN (``facenet-pytorch``), dlib and RetinaFace
 (``retina-face``) are imported lazily, only when asked for. Asking for one that is not installed raises with the
 ``pip install`` line: there is no silent fallback to a weaker detector. ``auto`` picks the strongest one installed
-and logs which.
+and logs which. :class:`FaceCropper` owns one detector and makes the crop both stages use.
 """
 
 from __future__ import annotations
@@ -315,3 +315,29 @@ def crop_face(image: np.ndarray, face: Face, margin: float, size: int) -> tuple[
     if face.landmarks is not None:
         return aligned_crop(image, face.landmarks, margin, size), True
     return box_crop(image, face, margin, size), False
+
+
+class FaceCropper:
+    """One detector and the crop geometry: the largest face of a frame, cropped as ``stage=preprocess`` writes it.
+
+    Owning the detector (rather than a module-level cache) makes its lifetime explicit: a preprocessing worker
+    builds one per process, ``stage=predict`` one per run. ``margin`` and ``size`` as in :func:`crop_face`.
+    """
+
+    def __init__(self, detector: FaceDetector, margin: float, size: int) -> None:
+        self.detector = detector
+        self.margin = float(margin)
+        self.size = int(size)
+
+    @classmethod
+    def from_name(cls, name: str, options: dict[str, Any] | None, margin: float, size: int) -> FaceCropper:
+        """The cropper over :func:`make_face_detector` ``(name, options)`` (``name`` resolved, not ``auto``)."""
+        return cls(make_face_detector(name, options), margin, size)
+
+    def find(self, image: np.ndarray) -> Face | None:
+        """The largest face of one (H, W, 3) BGR uint8 frame, or None."""
+        return largest(self.detector.detect(image))
+
+    def crop(self, image: np.ndarray, face: Face) -> tuple[np.ndarray, bool]:
+        """The (size, size, 3) BGR crop of ``face`` and whether it was aligned on landmarks."""
+        return crop_face(image, face, self.margin, self.size)

@@ -12,6 +12,7 @@ from r2m_lab.stages.finetune import finetune
 from r2m_lab.stages.import_ckpt import import_checkpoints
 from r2m_lab.stages.merge import merge
 from r2m_lab.stages.pipeline import pipeline
+from r2m_lab.stages.predict import predict
 from r2m_lab.stages.preprocess import preprocess
 
 STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
@@ -21,6 +22,7 @@ STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "pipeline": pipeline,
     "preprocess": preprocess,
     "import": import_checkpoints,
+    "predict": predict,
 }
 
 
