@@ -4,7 +4,7 @@ data, real weights or hours). A command added to a README without an entry in ``
 
 To cover a new command, add it to ``COVERAGE`` with one or more checks:
 
-- ``Test("tests/test_x.py::test_name")``: a test that runs the command's code path (the test must exist);
+- ``ByTest("tests/test_x.py::test_name")``: a test that runs the command's code path (the test must exist);
 - ``FailsFast("message")``: run literally (``paths.root`` in a temp folder); it must stop within a minute and say this;
 - ``Make("line")``: ``make -n <target>`` must show this line (the target's recipe, without running it).
 """
@@ -29,7 +29,7 @@ READMES = (REPO / "README.md", REPO / "experiments" / "README.md")
 
 
 @dataclass(frozen=True)
-class Test:
+class ByTest:
     """The command's code path is run by this test (``tests/<file>.py::<function>``)."""
 
     node: str
@@ -50,49 +50,61 @@ class Make:
     line: str
 
 
-PIPELINE = Test("tests/test_stages.py::test_pipeline_end_to_end_and_reuse")
-SWEEPS = Test(
+PIPELINE = ByTest("tests/test_stages.py::test_pipeline_end_to_end_and_reuse")
+SWEEPS = ByTest(
     "tests/test_cli.py::test_documented_smoke_sweeps_run_from_a_fresh_checkout_and_leave_real_artifacts_alone"
 )
-MULTIRUN = Test("tests/test_cli.py::test_multirun_merge_sweep")
-REAL_DATA = Test("tests/test_data.py::test_real_data_finetune_then_evaluate")
-AUGMENT = Test("tests/test_data.py::test_augmentation_knobs_change_the_pipeline")
+MULTIRUN = ByTest("tests/test_cli.py::test_multirun_merge_sweep")
+REAL_DATA = ByTest("tests/test_data.py::test_real_data_finetune_then_evaluate")
+AUGMENT = ByTest("tests/test_data.py::test_augmentation_knobs_change_the_pipeline")
 
-COVERAGE: dict[str, tuple[Test | FailsFast | Make, ...]] = {
+COVERAGE: dict[str, tuple[ByTest | FailsFast | Make, ...]] = {
     # README.md: two commands
     "make demo": (Make("bin/python -m r2m_lab"), PIPELINE),
     "make test": (Make("WANDB_MODE=disabled"),),  # the suite itself
     # README.md: everyday use
     "python -m r2m_lab stage=finetune data=synthetic_swap": (
-        Test("tests/test_stages.py::test_finetune_stage_writes_card_and_metrics"),
-        Test("tests/test_cli.py::test_finetune_logs_an_offline_wandb_run_and_says_why_it_is_not_online"),
+        ByTest("tests/test_stages.py::test_finetune_stage_writes_card_and_metrics"),
+        ByTest("tests/test_cli.py::test_finetune_logs_an_offline_wandb_run_and_says_why_it_is_not_online"),
     ),
     "python -m r2m_lab stage=merge merger=r2m rank_ratio=0.1": (
-        Test("tests/test_cli.py::test_user_merge_command_literally"),
+        ByTest("tests/test_cli.py::test_user_merge_command_literally"),
     ),
     "python -m r2m_lab stage=evaluate merger=r2m rank_ratio=0.1": (
-        Test("tests/test_stages.py::test_merge_and_evaluate_stages"),
+        ByTest("tests/test_stages.py::test_merge_and_evaluate_stages"),
     ),
     "python -m r2m_lab stage=merge merger=ties stage.evaluate=true": (
-        Test("tests/test_merge_stage.py::test_merge_then_evaluate_in_one_job"),
+        ByTest("tests/test_merge_stage.py::test_merge_then_evaluate_in_one_job"),
         SWEEPS,
     ),
     "python -m r2m_lab stage=merge merger=task_arithmetic 'stage.select={lam:[0.1,0.3,0.5,1.0]}'": (
-        Test("tests/test_merge_stage.py::test_selection_picks_the_best_validation_auc_and_records_the_curve"),
+        ByTest("tests/test_merge_stage.py::test_selection_picks_the_best_validation_auc_and_records_the_curve"),
     ),
     "python -m r2m_lab stage=evaluate stage.model=specialist:synthetic_swap": (
-        Test("tests/test_stages.py::test_evaluate_any_trained_model"),
+        ByTest("tests/test_stages.py::test_evaluate_any_trained_model"),
     ),
-    "python -m r2m_lab stage=evaluate merger=ensemble": (
-        Test("tests/test_merge_stage.py::test_evaluate_ensemble_is_the_mean_of_the_specialists_scores"),
+    "python -m r2m_lab stage=evaluate stage.model=ensemble": (
+        ByTest("tests/test_merge_stage.py::test_evaluate_ensemble_is_the_mean_of_the_specialists_scores"),
+        ByTest("tests/test_report.py::test_smoke_ensemble_run_pins_metrics_json"),
+    ),
+    "python -m r2m_lab 'stage.mergers=[average,ties,r2m]' +stage.merger_overrides.ties.density=0.1 "
+    "'stage.reference_rows=[ensemble]'": (
+        ByTest("tests/test_config.py::test_pipeline_overrides_select_and_reference_rows"),
+    ),
+    # README.md: predicting on a video
+    "python -m r2m_lab stage=predict stage.input=suspect.mp4 stage.model=specialist:synthetic_swap": (
+        ByTest("tests/test_predict.py::test_video_scores_per_frame_and_per_video_at_the_stored_threshold"),
+    ),
+    "python -m r2m_lab stage=predict stage.input=/videos/ merger=r2m stage.annotate=true": (
+        ByTest("tests/test_predict.py::test_folder_reports_bad_files_and_faceless_videos_with_no_score"),
     ),
     "python -m r2m_lab -m stage=merge merger=average,task_arithmetic,r2m": (MULTIRUN,),
     "python -m r2m_lab logger.offline=false": (
-        Test("tests/test_safety.py::test_wandb_mode_follows_the_environment_and_says_when_it_overrides"),
-        Test("tests/test_cli.py::test_finetune_logs_an_offline_wandb_run_and_says_why_it_is_not_online"),
+        ByTest("tests/test_safety.py::test_wandb_mode_follows_the_environment_and_says_when_it_overrides"),
+        ByTest("tests/test_cli.py::test_finetune_logs_an_offline_wandb_run_and_says_why_it_is_not_online"),
     ),
     "python -m r2m_lab logger=csv": (PIPELINE,),  # debug=smoke selects logger=csv
-    "python -m r2m_lab --help": (Test("tests/test_cli.py::test_help_lists_groups"),),
+    "python -m r2m_lab --help": (ByTest("tests/test_cli.py::test_help_lists_groups"),),
     # README.md: real data and real backbones (no weights or data here: they must stop at once, naming what is missing)
     "python -m r2m_lab stage=finetune backbone=clip_vit_l14 "
     "backbone.weights.path=/models/ViT-L-14/open_clip_pytorch_model.bin data=faceforensics_df": (
@@ -104,21 +116,21 @@ COVERAGE: dict[str, tuple[Test | FailsFast | Make, ...]] = {
         REAL_DATA,
     ),
     "python -m r2m_lab stage=finetune data=faceforensics_df data.compression=c40": (
-        Test("tests/test_data.py::test_ffpp_reader_compression_levels_and_windows_paths"),
+        ByTest("tests/test_data.py::test_ffpp_reader_compression_levels_and_windows_paths"),
     ),
     "python -m r2m_lab stage=finetune data=df40_method data.method=simswap data.domain=ff": (
-        Test("tests/test_data.py::test_df40_method_config_follows_its_overrides"),
+        ByTest("tests/test_data.py::test_df40_method_config_follows_its_overrides"),
     ),
     "python -m r2m_lab stage=finetune data=faceforensics_df data.frames_per_video=32": (REAL_DATA,),
     "python -m r2m_lab stage=evaluate benchmark=ffpp benchmark.protocols.cross_dataset.dfdc.test_frames_per_video=8": (
         REAL_DATA,
-        Test("tests/test_data.py::test_benchmarks_list_their_protocols"),
+        ByTest("tests/test_data.py::test_benchmarks_list_their_protocols"),
     ),
     "python -m r2m_lab stage=finetune data=faceforensics_df data.dfb_compat=true": (
-        Test("tests/test_data.py::test_sampling_evenly_spaced_vs_first_n"),
+        ByTest("tests/test_data.py::test_sampling_evenly_spaced_vs_first_n"),
     ),
     "python -m r2m_lab stage=finetune data=faceforensics_df data.missing_frames=error": (
-        Test("tests/test_data.py::test_missing_frames_skip_reports_and_error_refuses"),
+        ByTest("tests/test_data.py::test_missing_frames_skip_reports_and_error_refuses"),
     ),
     "python -m r2m_lab benchmark=df40 backbone=clip_vit_l14 backbone.weights.path=/models/ViT-L-14.bin "
     "paths.data_dir=/data/df40": (FailsFast("Backbone weights for clip_vit_l14 not found at /models/ViT-L-14.bin"),),
@@ -128,31 +140,59 @@ COVERAGE: dict[str, tuple[Test | FailsFast | Make, ...]] = {
     ),
     "python -m r2m_lab stage=finetune backbone=clip_vit_b16 backbone.recipe.augment.blur=null": (AUGMENT,),
     # README.md: preprocessing, on the small video trees of tests/test_preprocess.py
-    "python -m r2m_lab stage=preprocess stage.layout=ffpp stage.input=/raw/FaceForensics++ "
-    "stage.split_dir=/raw/ffpp_splits": (
-        Test("tests/test_preprocess.py::test_ffpp_crops_follow_the_face_and_the_index_validates"),
+    "python -m r2m_lab stage=preprocess layout=ffpp stage.input=/raw/FaceForensics++ "
+    "layout.split_dir=/raw/ffpp_splits": (
+        ByTest("tests/test_preprocess.py::test_ffpp_crops_follow_the_face_and_the_index_validates"),
         FailsFast("/raw/FaceForensics++ does not exist"),
     ),
-    "python -m r2m_lab stage=preprocess stage.layout=celebdf stage.input=/raw/Celeb-DF-v2 stage.workers=8": (
-        Test("tests/test_preprocess.py::test_celebdf_layout_test_list_labels_and_parallel_workers"),
+    "python -m r2m_lab stage=preprocess layout=celebdf stage.input=/raw/Celeb-DF-v2 stage.workers=8": (
+        ByTest("tests/test_preprocess.py::test_celebdf_layout_test_list_labels_and_parallel_workers"),
     ),
-    "python -m r2m_lab stage=preprocess stage.layout=folder stage.input=/raw/mine stage.dataset=Mine "
-    "stage.label=Mine_fake stage.label_value=1": (
-        Test("tests/test_preprocess.py::test_folder_layout_centre_policy_marks_faceless_frames"),
+    "python -m r2m_lab stage=preprocess layout=folder stage.input=/raw/mine layout.dataset=Mine "
+    "layout.label=Mine_fake layout.label_value=1": (
+        ByTest("tests/test_preprocess.py::test_folder_layout_centre_policy_marks_faceless_frames"),
+    ),
+    "python -m r2m_lab benchmark=ffpp paths.data_dir=/data/deepfakes "
+    "paths.index_dir=/opt/DeepfakeBench/preprocessing/dataset_json": (
+        ByTest("tests/test_released_indexes.py::test_one_setting_for_the_index_folder"),
+        FailsFast("/data/deepfakes"),
+    ),
+    "python -m r2m_lab stage=finetune data=df40_method data.method=simswap data.val_source=train": (
+        ByTest("tests/test_released_indexes.py::test_val_held_out_of_train_by_video_when_the_index_has_none"),
+    ),
+    # README.md: CLIP weights and released detectors (made small by the tests, in each layout)
+    "python -m r2m_lab.layouts convert-torchscript ~/.cache/clip/ViT-L-14.pt /models/ViT-L-14.safetensors "
+    "--i-trust-this-file": (
+        ByTest("tests/test_layouts.py::test_torchscript_archive_is_refused_then_converted_knowingly"),
+    ),
+    "python -m r2m_lab.layouts inspect FILE": (
+        ByTest("tests/test_layouts.py::test_inspect_names_the_layout_and_what_the_conversion_drops"),
+    ),
+    "python -m r2m_lab stage=import benchmark=df40 backbone=clip_vit_l14 "
+    "backbone.weights.path=/models/clip-vit-large-patch14/model.safetensors "
+    "'stage.checkpoints={df40_fs_ff:/ckpt/fs/ckpt_best.pth,df40_fr_ff:/ckpt/fr/ckpt_best.pth,"
+    "df40_efs_ff:/ckpt/efs/ckpt_best.pth}'": (
+        ByTest("tests/test_import.py::test_import_then_merge_average"),
+        ByTest("tests/test_import.py::test_import_refuses_what_does_not_fit"),
+    ),
+    "python -m r2m_lab stage=merge benchmark=df40 backbone=clip_vit_l14 "
+    "backbone.weights.path=/models/clip-vit-large-patch14/model.safetensors merger=r2m": (
+        ByTest("tests/test_import.py::test_import_then_merge_average"),
+        FailsFast("/models/clip-vit-large-patch14/model.safetensors"),
     ),
     # a template ("..." stands for the layout arguments above): its knobs are the preprocess tests' settings
     "python -m r2m_lab stage=preprocess ... stage.frames_per_video=32 stage.size=256 stage.margin=1.3 "
-    "stage.output=/data/deepfakes": (Test("tests/test_preprocess.py::test_preprocess_then_finetune_and_evaluate"),),
+    "stage.output=/data/deepfakes": (ByTest("tests/test_preprocess.py::test_preprocess_then_finetune_and_evaluate"),),
     # README.md prose
     "python -m r2m_lab": (PIPELINE,),
     "python -m r2m_lab -m seed=0,1,2": (PIPELINE, MULTIRUN),
-    "make bench-merge": (Make("bin/python -m r2m_lab.bench"), Test("tests/test_bench.py::test_bench_merge_smoke")),
+    "make bench-merge": (Make("bin/python -m r2m_lab.bench"), ByTest("tests/test_bench.py::test_bench_merge_smoke")),
     "make lint": (Make("bin/ruff check ."),),
     "make test-fast": (Make('-m "not slow"'),),
     # experiments/README.md
     "python -m r2m_lab -cd experiments -cn <file stem> [overrides]": (
         SWEEPS,
-        Test("tests/test_cli.py::test_sweep_files_compose"),
+        ByTest("tests/test_cli.py::test_sweep_files_compose"),
     ),
     "python -m r2m_lab -cd experiments -cn merger_sweep": (SWEEPS,),
     "python -m r2m_lab -m stage=merge merger=r2m rank_ratio=0.02,0.05,0.1,0.2,0.5,1.0": (MULTIRUN,),
@@ -165,6 +205,7 @@ def documented_commands(path: Path) -> list[str]:
     text = path.read_text()
     found = []
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        block = re.sub(r"\\\n\s*", " ", block)  # a command continued over lines with a trailing backslash
         for line in block.splitlines():
             line = line.split("  #", 1)[0].strip()
             if line.startswith(("python -m r2m_lab", "make ")):
@@ -191,7 +232,7 @@ def test_every_documented_command_has_a_check():
 def test_every_named_test_exists():
     for checks in COVERAGE.values():
         for check in checks:
-            if isinstance(check, Test):
+            if isinstance(check, ByTest):
                 file, function = check.node.split("::")
                 tree = ast.parse((REPO / file).read_text())  # parsed, not imported: no heavy imports here
                 names = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}

@@ -263,3 +263,16 @@ def test_load_backbone_file_reports_extras_for_the_card(tmp_path):
     path = _hf_file(tmp_path, hf_clip_model().state_dict())
     info = load_backbone_file(timm_model(), path)
     assert info["path"] == str(path.resolve()) and info["bytes"] == path.stat().st_size and len(info["sha256"]) == 64
+
+
+def test_inspect_names_the_layout_and_what_the_conversion_drops(tmp_path, capsys):
+    """``python -m r2m_lab.layouts inspect FILE`` on a DeepfakeBench detector file (``module.`` prefix, head)."""
+    hf = hf_clip_model()
+    state = {f"module.backbone.{k}": v for k, v in hf.vision_model.state_dict().items()}
+    state.update({"module.head.weight": torch.zeros(2, WIDTH), "module.head.bias": torch.zeros(2)})
+    path = tmp_path / "ckpt_best.pth"
+    torch.save(state, path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "layout: deepfakebench_clip" in out and "prefix stripped: 'module.'" in out
+    assert "head: ['bias', 'weight']" in out and "unrecognised keys: none" in out
