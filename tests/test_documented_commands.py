@@ -195,7 +195,10 @@ COVERAGE: dict[str, tuple[ByTest | FailsFast | Make, ...]] = {
         ByTest("tests/test_cli.py::test_sweep_files_compose"),
     ),
     "python -m r2m_lab -cd experiments -cn merger_sweep": (SWEEPS,),
-    "python -m r2m_lab -m stage=merge merger=r2m rank_ratio=0.02,0.05,0.1,0.2,0.5,1.0": (MULTIRUN,),
+    # a multirun (MULTIRUN) whose jobs select η on validation, then evaluate, as the ablation sweep's jobs do (SWEEPS)
+    "python -m r2m_lab -m stage=merge merger=r2m rank_ratio=0.02,0.05,0.1,0.2,0.5,1.0 stage.evaluate=true "
+    "'stage.select={eta:[0,1,2,3,5,8,12]}'": (MULTIRUN, SWEEPS),
+    "python -m r2m_lab -cd experiments -cn r2m_ablation": (SWEEPS,),
 }
 
 
