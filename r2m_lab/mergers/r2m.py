@@ -27,10 +27,13 @@ combination, cheaper to recompute than to hold as a float64 copy of the backbone
 in every specialist are read in pass 1 only. Extra memory: the float64 factors, about 2·N·ρ·(m+n)/max(m, n) float32
 backbones.
 
-Precision. Everything, the truncation SVDs included, runs in float64 and θ* is rounded to θ₀'s dtype once. The
-truncation needs it: with `eta_mode="relative"` and few specialists the norm-matched residuals can nearly cancel
-(N = 2: r₁ ≈ −r₂, ‖τ_res‖/‖τ_core‖ ≈ 1e-4), η = α‖τ_core‖/‖τ_res‖ ≈ 1e4 then amplifies the rounding of the r̂ᵢ by
-the same factor: a float32 SVD (rounding ~1e-7 of ‖r̂ᵢ‖) gave a 4e-3 relative error in η·τ_res, float64 gives ~1e-8.
+Precision. Everything runs in float64 and θ* is rounded to θ₀'s dtype once; `svd="exact"` truncates with a float64
+SVD, `svd="randomized"` with a float32 range finder whose last power iteration, projection and small SVD are float64
+(task_vectors.low_rank_factors; ~2× faster than all-float64). The truncation needs float64: with
+`eta_mode="relative"` and few specialists the norm-matched residuals can nearly cancel (N = 2: r₁ ≈ −r₂,
+‖τ_res‖/‖τ_core‖ ≈ 1e-4), η = α‖τ_core‖/‖τ_res‖ ≈ 1e4 then amplifies the rounding of the r̂ᵢ by the same factor: a
+float32 SVD (rounding ~1e-7 of ‖r̂ᵢ‖) gave a 4e-3 relative error in η·τ_res, the float64 exact SVD gives ~1e-8 and the
+randomized one ~5e-8 at η ≈ 4e3 on decaying spectra (its error grows with η; svd=exact is the accurate choice there).
 A merge in that regime still logs a warning (‖τ_res‖ < NEAR_CANCELLATION·‖τ_core‖ = 1e-3 with `relative`, i.e.
 η > 1e3·α): η·τ_res is then mostly the difference of nearly equal residuals, which amplifies any noise in them.
 
@@ -272,7 +275,7 @@ def _pass2(
             rows, cols = blocks.shape[-2:]
             q = acc.kept_rank[key] = kept_rank(rows, cols, rank_ratio)
             if q < min(rows, cols):  # ρ = 1 keeps everything: nothing to store, pass 3 rebuilds rᵢ exactly
-                # float64 SVD and factors: see "Precision" in the module docstring (near-cancelling residuals).
+                # float64 factors (float32 sketch, float64 finish if randomized): "Precision" in the module docstring.
                 us, vh = low_rank_factors(blocks, q, svd)  # (N, B, m, q), (N, B, q, n) float64
                 if q * (rows + cols) < rows * cols:
                     acc.factors[key] = (us, vh)
