@@ -24,6 +24,22 @@ log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
 
+def check_weights_file(cfg: Mapping[str, Any]) -> Path | None:
+    """The configured ``weights.path`` as a Path (None when there is none); a missing file stops at once, so a run
+    can check it before it spends time on anything else."""
+    path = (cfg.get("weights") or {}).get("path")
+    if not path:
+        return None
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"Backbone weights for {cfg['name']} not found at {file}. Point backbone.weights.path at a local "
+            f"safetensors or state-dict file ({', '.join(WEIGHT_SUFFIXES)}), e.g. open_clip's "
+            "open_clip_pytorch_model.bin or timm's model.safetensors."
+        )
+    return file
+
+
 def create_backbone(cfg: Mapping[str, Any], load_weights: bool = True) -> nn.Module:
     """Build the timm feature extractor (``num_classes=0``) that ``cfg`` (a ``conf/backbone/*.yaml``) describes.
 
@@ -39,13 +55,7 @@ def create_backbone(cfg: Mapping[str, Any], load_weights: bool = True) -> nn.Mod
     if not load_weights:
         return timm.create_model(cfg["model"], pretrained=False, num_classes=0, **kwargs)
     if path:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"Backbone weights for {cfg['name']} not found at {file}. Point backbone.weights.path at a local "
-                f"safetensors or state-dict file ({', '.join(WEIGHT_SUFFIXES)}), e.g. open_clip's "
-                "open_clip_pytorch_model.bin or timm's model.safetensors."
-            )
+        file = check_weights_file(cfg)
         if weights.get("pretext"):
             # θ₀ would be the pretext's training on top of the file: neither what the file holds nor a pretext θ₀.
             raise ValueError(

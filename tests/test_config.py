@@ -28,7 +28,9 @@ OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml")
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_resolves(tmp_path, group, option):
-    cfg = compose_config(tmp_path, [f"{group}={option}"], smoke=group != "debug")
+    # the layout group only exists under stage=preprocess (conf/stage/preprocess.yaml puts it in)
+    stage = ["stage=preprocess"] if group == "layout" else []
+    cfg = compose_config(tmp_path, [*stage, f"{group}={option}"], smoke=group != "debug")
     container = OmegaConf.to_container(cfg, resolve=True)
     if group == "debug":  # a global preset: it shrinks the model and the data, and swaps the logger
         assert container["backbone"]["kwargs"]["depth"] == 2 and container["logger"]["_target_"].endswith("CSVLogger")

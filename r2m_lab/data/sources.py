@@ -181,6 +181,9 @@ class SyntheticSource:
         self.generator = synthetic.SyntheticConfig(**dict(generator))
         self.cache_dir = Path(cache_dir)
 
+    def check_available(self) -> None:
+        """Nothing to check: the embedded benchmark is generated on first use."""
+
     def splits(self) -> tuple[str, ...]:
         """The splits in which every family of this source has a cell (the generator's cell list decides)."""
         from r2m_lab.data import synthetic
@@ -384,6 +387,11 @@ class DeepfakeBenchSource:
 
     def splits(self) -> tuple[str, ...]:
         return SPLITS
+
+    def check_available(self) -> None:
+        """Raise FileNotFoundError (naming the root, the index paths tried and where to get the data) unless the
+        index can be found: what a run checks before it spends time on anything else."""
+        self._find_index()
 
     # --- the index file ----------------------------------------------------------------------------------------
 
@@ -667,6 +675,10 @@ class ConcatSource:
         self.name = name
         self.parts = dict(parts)
         self.families = list(self.parts)
+
+    def check_available(self) -> None:
+        for part in self.parts.values():
+            part.check_available()
 
     def splits(self) -> tuple[str, ...]:
         return tuple(s for s in SPLITS if all(s in p.splits() for p in self.parts.values()))

@@ -17,7 +17,7 @@ key (`task_vectors.merge_keys` is the one loop), returns θ₀'s keys, shapes an
 - `dare`             drop p, rescale 1/(1−p), then TA or TIES  DARE, seeded per (family, key)
 - `cart`             θ₀ + τ̄ + λ Σᵢ SVD_ρ(τᵢ − τ̄)              CART, centred low-rank task vectors
 - `tsv`              θ₀ + λ·U⊥ diag(σ) V⊥ᵀ                     TSV-M, orthogonalised task singular vectors
-- `iso_c`            θ₀ + λ·σ̄ U Vᵀ(Σᵢ τᵢ) (τ̄ off matrices)     Iso-C, isotropic spectrum of the summed task matrix, λ = α
+- `iso_c`            θ₀ + λ·σ̄ U Vᵀ(Σᵢ τᵢ), τ̄ elsewhere          Iso-C, isotropic spectrum of Σᵢ τᵢ (λ = the authors α)
 
 The output ensemble and joint training are reference rows, not mergers: see `r2m_lab.evaluation` and
 ``stage.reference_rows`` of the pipeline. `task_vectors` holds what mergers share: `MergeResult`, streaming and

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from r2m_lab.backbones import check_weights_file
 from r2m_lab.evaluation.ensemble import REDUCTIONS
 from r2m_lab.mergers import load_merger_config, merger_names, selection_grid
 from r2m_lab.mergers.task_vectors import StateDict, cosines_from_gram, task_vector_gram
@@ -102,6 +104,19 @@ def plan_pipeline(cfg: DictConfig, dirs: Sequence[Path | str] | None = None) -> 
     return PipelinePlan(mergers, grids, [r for r in REFERENCE_ROWS if r in rows], reduction)
 
 
+def check_benchmark_data(cfg: DictConfig, plan: PipelinePlan) -> None:
+    """The backbone's weight file and every data set the run will read (specialists, joint, validation, every
+    protocol) must be there before θ₀ or any specialist is trained: a missing file, root or index stops at once,
+    naming the paths and where to get the data."""
+    check_weights_file(plain(cfg.backbone))
+    nodes = [*cfg.benchmark.specialists.values(), *cfg.benchmark.validation.values()]
+    nodes += [d for sets in cfg.benchmark.protocols.values() for d in sets.values()]
+    if JOINT in plan.reference_rows:
+        nodes.append(cfg.benchmark.joint)
+    for node in nodes:
+        instantiate(node).check_available()
+
+
 def task_vector_geometry(
     theta0: StateDict, specialists: Mapping[str, StateDict], joint: StateDict | None = None
 ) -> tuple[list[str], list[list[float]], dict[str, Any] | None]:
@@ -146,6 +161,7 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
 
     plan = plan_pipeline(cfg)
     screen_mode(cfg)  # a bad stage.screen fails before any training
+    check_benchmark_data(cfg, plan)
     timed("base", ensure_base, cfg)
     checkpoints: dict[str, Path] = {}
     for key, data_cfg in cfg.benchmark.specialists.items():
