@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from r2m_lab.mergers.task_vectors import MergeResult
+from r2m_lab.mergers.task_vectors import MergeResult, is_finite_number
 
 StateDict = Mapping[str, Tensor]
 
@@ -61,3 +61,15 @@ class Knobs:
     def hyperparameters(self) -> dict[str, Any]:
         """The knobs as a plain dict, field order (what a merge card records)."""
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledKnobs(Knobs):
+    """Base of the mergers whose one knob is a scale λ on the merged task vector (any finite number)."""
+
+    lam: float
+
+    def check(self, n_tasks: int | None = None) -> None:
+        """Refuse a λ that is not a finite number."""
+        if not is_finite_number(self.lam):
+            raise ValueError(f"lam must be a finite number, got {self.lam!r}")

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from r2m_lab.mergers.contract import Knobs
+from r2m_lab.mergers.contract import ScaledKnobs
 from r2m_lab.mergers.task_vectors import (
     MergeResult,
     PhaseTimer,
@@ -45,7 +45,6 @@ from r2m_lab.mergers.task_vectors import (
     check_heads,
     check_keys,
     family_names,
-    is_finite_number,
     is_matrix_key,
     matrix_blocks,
     merge_diagnostics,
@@ -56,15 +55,8 @@ StateDict = Mapping[str, Tensor]
 
 
 @dataclass(frozen=True)
-class IsoC(Knobs):
+class IsoC(ScaledKnobs):
     """Iso-C (module docstring). lam: λ on the isotropic merge (conf/merger/iso_c.yaml)."""
-
-    lam: float
-
-    def check(self, n_tasks: int | None = None) -> None:
-        """Refuse a λ that is not a finite number."""
-        if not is_finite_number(self.lam):
-            raise ValueError(f"lam must be a finite number, got {self.lam!r}")
 
     def __call__(
         self, theta0: StateDict, specialists: Mapping[str, StateDict], heads: Mapping[str, Mapping[str, Tensor]]

@@ -11,20 +11,13 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from r2m_lab.mergers.contract import Knobs
-from r2m_lab.mergers.task_vectors import MergeResult, is_finite_number, merge_key_by_key
+from r2m_lab.mergers.contract import ScaledKnobs
+from r2m_lab.mergers.task_vectors import MergeResult, merge_key_by_key
 
 
 @dataclass(frozen=True)
-class TaskArithmetic(Knobs):
+class TaskArithmetic(ScaledKnobs):
     """θ₀ + λ Σᵢ τᵢ. lam: λ, any finite number."""
-
-    lam: float
-
-    def check(self, n_tasks: int | None = None) -> None:
-        """Refuse a λ that is not a finite number."""
-        if not is_finite_number(self.lam):
-            raise ValueError(f"lam must be a finite number, got {self.lam!r}")
 
     def __call__(
         self,

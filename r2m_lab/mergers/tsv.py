@@ -34,10 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from r2m_lab.mergers.contract import Knobs
+from r2m_lab.mergers.contract import ScaledKnobs
 from r2m_lab.mergers.task_vectors import (
     MergeResult,
-    is_finite_number,
     is_matrix_key,
     matrix_blocks,
     merge_key_by_key,
@@ -70,15 +69,8 @@ def task_singular_vectors_merge(key: str, taus: Tensor) -> tuple[Tensor, int]:
 
 
 @dataclass(frozen=True)
-class TSV(Knobs):
+class TSV(ScaledKnobs):
     """TSV-M (module docstring). lam: λ on the merged task vector."""
-
-    lam: float
-
-    def check(self, n_tasks: int | None = None) -> None:
-        """Refuse a λ that is not a finite number."""
-        if not is_finite_number(self.lam):
-            raise ValueError(f"lam must be a finite number, got {self.lam!r}")
 
     def __call__(
         self, theta0: StateDict, specialists: Mapping[str, StateDict], heads: Mapping[str, Mapping[str, Tensor]]

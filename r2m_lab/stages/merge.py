@@ -45,8 +45,9 @@ def merge(cfg: DictConfig) -> dict[str, Any]:
     detector + card to its stable path and the card as this run's ``metrics.json``."""
     select = plain(cfg.stage.get("select")) or {}
     validate_merger(cfg, cfg.merger)  # bad knobs and a bad stage.screen fail before any checkpoint is read
-    screen_mode(cfg)
-    screening = screen(cfg, *open_specialists(cfg, device=str(resolve_device(cfg))))
+    screening = None
+    if screen_mode(cfg) != "off":  # off: no pass, and the checkpoints are opened once, by the merge below
+        screening = screen(cfg, *open_specialists(cfg, device=str(resolve_device(cfg))))
     if select:
         card = select_and_merge(cfg, cfg.merger, select, split=str(cfg.stage.get("select_split", SELECTION_SPLIT)))
     else:
