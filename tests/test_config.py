@@ -61,7 +61,15 @@ def test_rank_ratio_alias_reaches_r2m(tmp_path):
 def test_pipeline_runs_every_merger_that_exists(tmp_path):
     plan = plan_pipeline(compose_config(tmp_path))
     files = {f.stem for f in (CONF / "merger").glob("*.yaml")}
-    assert set(plan.mergers) == files and merger_names() == sorted(files)
+    # every merger, each followed by its variants (the default run adds R²M at the reference kit's fixed setting)
+    assert plan.variants == {"r2m_kit": "r2m"} and list(plan.mergers) == [
+        m for name in sorted(files) for m in ((name, "r2m_kit") if name == "r2m" else (name,))
+    ]
+    assert merger_names() == sorted(files) and "r2m_kit" not in plan.grids
+    assert (
+        plan.mergers["r2m_kit"] | {"eta_mode": "core_norm", "alpha": 0.6, "rank_ratio": 0.1, "k": 1}
+        == plan.mergers["r2m_kit"]
+    )
     assert plan.reference_rows == ["joint", "ensemble"] and not set(plan.reference_rows) & files
     # each merger brings its own validation grid (or declares it has none)
     assert plan.grids == {n: g for n in files if (g := selection_grid(load_merger_config(n)))}
@@ -94,7 +102,7 @@ def test_pipeline_overrides_select_and_reference_rows(tmp_path):
         ],
     )
     plan = plan_pipeline(cfg)
-    assert list(plan.mergers) == ["task_arithmetic", "r2m"] and plan.mergers["task_arithmetic"]["lam"] == 0.5
+    assert list(plan.mergers) == ["task_arithmetic", "r2m", "r2m_kit"] and plan.mergers["task_arithmetic"]["lam"] == 0.5
     assert list(plan.grids) == ["task_arithmetic"] and plan.reference_rows == ["ensemble"]
     assert plan.ensemble_reduction == "median"
     assert plan_pipeline(compose_config(tmp_path, ["stage.select=null"])).grids == {}
@@ -110,6 +118,12 @@ def test_pipeline_overrides_select_and_reference_rows(tmp_path):
         (["stage.reference_rows=[ensemble,average]"], "stage.reference_rows names \\['average'\\]"),
         (["stage.ensemble_reduction=mode"], "ensemble_reduction must be one of"),
         (["+stage.merger_overrides.r2m.k=5"], "k=5 exceeds the number of specialists N=4"),
+        (["+stage.variants.average={merger:average}"], "stage.variants.average: the label is already a row"),
+        (["+stage.variants.x={merger:ties,lam:0.5}"], "it has unknown keys \\['lam'\\]"),
+        (["+stage.variants.x={knobs:{lam:0.5}}"], "it names no merger"),
+        (["+stage.variants.x={merger:ties,knobs:{lamda:0.5}}"], "merger=ties: unknown knob"),
+        (["+stage.variants.x={merger:ties,select:{eta:[1]}}"], "stage.variants.x.select names \\['eta'\\]"),
+        (["+stage.variants.x={merger:r2m,knobs:{k:5}}"], "k=5 exceeds the number of specialists N=4"),
     ],
 )
 def test_pipeline_plan_refusals(tmp_path, overrides, message):
@@ -170,7 +184,9 @@ def test_a_new_merger_joins_discovery_pipeline_sweep_and_bench(tmp_path, monkeyp
 
     # the pipeline runs it, with its own grid
     plan = plan_pipeline(compose_config(tmp_path), dirs)
-    assert list(plan.mergers) == names and plan.grids["halfway"] == {"lam": [0.25, 0.5]}
+    assert [m for m in plan.mergers if m not in plan.variants] == names and plan.grids["halfway"] == {
+        "lam": [0.25, 0.5]
+    }
 
     # the merger sweep's `glob(*)` expands, through Hydra's own parser, to every merger on the search path
     params = yaml.safe_load((REPO / "experiments" / "merger_sweep.yaml").read_text())["hydra"]["sweeper"]["params"]

@@ -116,7 +116,8 @@ def test_pipeline_end_to_end_and_reuse(tmp_path):
     out = tmp_path / "run"
     rows = list(report["models"])
     assert rows[:4] == [f"specialist:{k}" for k in cfg.benchmark.specialists]
-    assert rows[4:] == ["joint", "ensemble", *merger_names()]  # every merger in conf/merger/ (stage.mergers: all)
+    # every merger in conf/merger/ (stage.mergers: all), R²M followed by its fixed-setting variant
+    assert rows[4:] == ["joint", "ensemble", *[m for n in merger_names() for m in (n, "r2m_kit")[: 1 + (n == "r2m")]]]
     metrics = json.loads((out / "metrics.json").read_text())
     cos = np.array(metrics["task_vector_cosines"]["matrix"])
     assert cos.shape == (4, 4) and np.allclose(np.diag(cos), 1.0, atol=1e-5)

@@ -176,7 +176,7 @@ def write_report(
 
 def log_report(cfg: DictConfig, report: RunReport, out: Path) -> None:
     """Send the summary metrics, the table and the plots to the configured logger (W&B offline by default)."""
-    logger = build_logger(cfg, name=f"{cfg.stage.name}-{cfg.benchmark.name}")
+    logger = build_logger(cfg)
     if logger is None:
         return
     writers.log_to_logger(report, logger, out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
@@ -45,12 +46,44 @@ def wandb_mode(offline: bool, env: str | None) -> tuple[str, str | None]:
     )
 
 
-def build_logger(cfg: DictConfig, name: str, group: str | None = None) -> Any:
-    """The configured Lightning logger (W&B offline by default) for one run; ``None`` when ``logger=null``."""
+def run_identity(cfg: DictConfig, part: str | None = None, group: str | None = None) -> dict[str, str | None]:
+    """How a W&B run is filed: ``group``, ``job_type`` and ``name``.
+
+    - ``group``: in a Hydra sweep, the sweep's name and launch time (``<config name or stage>@<date>_<time>`` from
+      ``hydra.sweep.dir``), shared by every job and every training run inside them, so one sweep is one W&B group;
+      outside a sweep, ``group`` as given (the pipeline passes its run folder's name) or none.
+    - ``job_type``: the stage (``finetune`` for a fine-tune inside the pipeline: ``part`` starts with its kind).
+    - ``name``: the job's overrides (``seed=1,stage.families=[swap,edit]``), or the stage without any, then ``part``.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    stage = str(cfg.stage.name)
+    overrides = ""
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        overrides = str(hydra_cfg.job.override_dirname or "")
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            sweep = Path(str(hydra_cfg.sweep.dir))
+            launch = "_".join(sweep.parts[-2:]) if len(sweep.parts) >= 2 else sweep.name
+            config_name = str(hydra_cfg.job.config_name or "config")
+            group = f"{stage if config_name == 'config' else config_name}@{launch}"
+    job_type = "finetune" if part and part.split("-", 1)[0] in ("specialist", "joint") else stage
+    name = " ".join(p for p in (overrides or stage, part) if p)
+    return {"group": group, "job_type": job_type, "name": name}
+
+
+def build_logger(cfg: DictConfig, name: str | None = None, group: str | None = None) -> Any:
+    """The configured Lightning logger (W&B offline by default) for one run; ``None`` when ``logger=null``.
+
+    ``name`` is the part of the job this run logs (``specialist-synthetic_swap``; none for the job's own report);
+    the W&B group, job type and run name come from :func:`run_identity`.
+    """
     if cfg.get("logger") is None:
         return None
+    identity = run_identity(cfg, name, group)
     if not str(cfg.logger._target_).endswith("WandbLogger"):
-        logger = instantiate(cfg.logger, name=name)
+        logger = instantiate(cfg.logger, name=name or str(cfg.stage.name))
         logger.log_hyperparams(plain(cfg))
         return logger
     mode, warning = wandb_mode(bool(cfg.logger.get("offline", False)), _USER_WANDB_MODE)
@@ -62,7 +95,7 @@ def build_logger(cfg: DictConfig, name: str, group: str | None = None) -> Any:
         os.environ["WANDB_MODE"] = _USER_WANDB_MODE
     # mode= goes to wandb.init and beats every other source, so the mode decided above is the one that happens;
     # offline=False keeps Lightning from writing WANDB_MODE=dryrun into this process's environment.
-    logger = instantiate(cfg.logger, name=name, group=group, offline=False, mode=mode)
+    logger = instantiate(cfg.logger, **identity, offline=False, mode=mode)
     logger.r2m_wandb_mode = mode
     logger.log_hyperparams({**plain(cfg), "wandb_mode": mode})
     return logger

@@ -205,13 +205,16 @@ def select_and_merge(
     select: Mapping[str, Any],
     split: str = SELECTION_SPLIT,
     reuse: bool = False,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """Merge at every grid point, keep the one with the best validation AUC (the first on ties), save it.
 
     Each point is merged in memory and scored on the pooled in-distribution validation frames; only the winner is
-    written. The card's ``selection`` holds the grid, the curve and the choice.
+    written. The card's ``selection`` holds the grid, the curve and the choice. ``label`` names the selection plot
+    (default: the merger's name; a run holding one merger twice passes its row labels).
     """
     name = merger_name(merger_cfg)
+    plot_name = label or name
     val = validation_frames(cfg, split)  # refuses other splits before any work
     unknown = sorted(set(select) - set(merger_hparams(merger_cfg)))
     if unknown:
@@ -232,7 +235,7 @@ def select_and_merge(
         if chosen_path.is_file() and Checkpoint(chosen_path).card().get("specialist_mtimes") == _mtimes(specialists):
             log.info("Reusing the validation selection of %s: %s", name, chosen_path)
             card = Checkpoint(chosen_path).card()
-            card["selection"]["plot"] = str(plot_selection(cfg, name, card["selection"]))  # this run's folder too
+            card["selection"]["plot"] = str(plot_selection(cfg, plot_name, card["selection"]))  # this run's folder
             return card
     curve, best, best_result = [], -1, None
     scorer = UniqueFrameScorer({"validation": val}, int(cfg.eval_batch_size), device)  # shared real frames: once
@@ -262,7 +265,7 @@ def select_and_merge(
         "curve": curve,
         "chosen": chosen,
     }
-    selection["plot"] = str(plot_selection(cfg, name, selection))
+    selection["plot"] = str(plot_selection(cfg, plot_name, selection))
     card = merge_specialists(cfg, points[best], reuse=reuse, selection=selection, result=best_result)
     write_json_atomic(memo, {"checkpoint": card["checkpoint_path"], "chosen": chosen})
     overrides = " ".join(f"merger.{k}={v}" for k, v in chosen.items())

@@ -27,9 +27,11 @@ from r2m_lab.stages.artifacts import merged_path, output_dir, specialist_path
 from r2m_lab.stages.base_model import ensure_base
 from r2m_lab.stages.config_nodes import plain
 from r2m_lab.stages.evaluate import evaluate_models, write_report
+from r2m_lab.stages.families import chosen_families, restrict_benchmark
 from r2m_lab.stages.finetune import train_detector
 from r2m_lab.stages.merge import SELECTION_SPLIT, merge_specialists, open_specialists, select_and_merge
-from r2m_lab.stages.merger_config import validate_merger
+from r2m_lab.stages.merger_config import merger_hparams, merger_name, validate_merger
+from r2m_lab.stages.rows import merger_row, reference_row, specialist_row, theta0_entry
 from r2m_lab.stages.screen import screen, screen_mode
 from r2m_lab.weights import Checkpoint
 
@@ -44,8 +46,9 @@ JOINT = "joint"
 class PipelinePlan:
     """What the pipeline runs, every part checked before any training."""
 
-    mergers: dict[str, dict[str, Any]]  # name → resolved merger config (its YAML + stage.merger_overrides)
-    grids: dict[str, dict[str, list[Any]]]  # name → validation grid; mergers without one are absent
+    mergers: dict[str, dict[str, Any]]  # row label → resolved merger config (its YAML + overrides / variant knobs)
+    grids: dict[str, dict[str, list[Any]]]  # row label → validation grid; rows without one are absent
+    variants: dict[str, str]  # row label → its merger's name, for the rows of stage.variants
     reference_rows: list[str]  # a subset of REFERENCE_ROWS, in that order
     ensemble_reduction: str
 
@@ -92,6 +95,16 @@ def plan_pipeline(cfg: DictConfig, dirs: Sequence[Path | str] | None = None) -> 
             if grid:
                 grids[name] = dict(grid)
 
+    variants = plan_variants(cfg, dirs, taken=[*names, *REFERENCE_ROWS])
+    for label, (merger_cfg, grid) in variants.items():
+        mergers[label] = merger_cfg
+        if grid and select is not None:
+            grids[label] = grid
+    # Rows in display order: each merger followed by its variants (r2m, then r2m_kit), other variants last.
+    order = [m for name in names for m in (name, *(v for v in variants if merger_name(variants[v][0]) == name))]
+    order += [v for v in variants if v not in order]
+    mergers = {label: mergers[label] for label in order}
+
     rows = _names(plain(cfg.stage.get("reference_rows", [])), "reference_rows", REFERENCE_ROWS)
     if JOINT in rows and cfg.benchmark.get("joint") is None:
         raise ValueError(
@@ -101,7 +114,48 @@ def plan_pipeline(cfg: DictConfig, dirs: Sequence[Path | str] | None = None) -> 
     reduction = str(cfg.stage.get("ensemble_reduction", "mean"))
     if reduction not in REDUCTIONS:
         raise ValueError(f"stage.ensemble_reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
-    return PipelinePlan(mergers, grids, [r for r in REFERENCE_ROWS if r in rows], reduction)
+    return PipelinePlan(
+        mergers,
+        grids,
+        {label: merger_name(m) for label, (m, _) in variants.items()},
+        [r for r in REFERENCE_ROWS if r in rows],
+        reduction,
+    )
+
+
+def plan_variants(
+    cfg: DictConfig, dirs: Sequence[Path | str] | None, taken: Sequence[str]
+) -> dict[str, tuple[dict[str, Any], dict[str, list[Any]] | None]]:
+    """``stage.variants``: extra rows, each a named merger config, label → (merger config, validation grid or None).
+
+    A variant is ``{merger: <name>, knobs: {knob: value}, select: <grid> | null}``; without ``select`` it chooses
+    on its merger's own ``_select_`` grid (null: runs at its knobs). This is how one run holds R²M twice (chosen on
+    validation, and at the reference kit's fixed setting) or an ablation (one knob flipped per row) on the same
+    specialists, each evaluated once.
+    """
+    variants = plain(cfg.stage.get("variants")) or {}
+    out: dict[str, tuple[dict[str, Any], dict[str, list[Any]] | None]] = {}
+    for label, spec in variants.items():
+        if label in taken:
+            raise ValueError(f"stage.variants.{label}: the label is already a row ({sorted(taken)}); rename it")
+        spec = dict(spec or {})
+        unknown = sorted(set(spec) - {"merger", "knobs", "select"})
+        if unknown or "merger" not in spec:
+            raise ValueError(
+                f"stage.variants.{label} must be {{merger: <name>, knobs: {{...}}, select: <grid> | null}}; "
+                + (f"it has unknown keys {unknown}" if unknown else "it names no merger")
+            )
+        merger_cfg = load_merger_config(str(spec["merger"]), dirs, root=cfg, **(spec.get("knobs") or {}))
+        validate_merger(cfg, merger_cfg)
+        grid = spec["select"] if "select" in spec else selection_grid(merger_cfg)
+        if grid:
+            unknown = sorted(set(grid) - set(merger_hparams(merger_cfg)))
+            if unknown:
+                raise ValueError(
+                    f"stage.variants.{label}.select names {unknown}, which are not knobs of {spec['merger']}"
+                )
+        out[str(label)] = (merger_cfg, dict(grid) if grid else None)
+    return out
 
 
 def check_benchmark_data(cfg: DictConfig, plan: PipelinePlan) -> None:
@@ -159,6 +213,8 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         timings[key] = round(time.perf_counter() - start, 2)
         return value
 
+    families = chosen_families(cfg, plain(cfg.stage.get("families", "all")))
+    cfg = restrict_benchmark(cfg, families)  # the full benchmark unless stage.families picks some of its families
     plan = plan_pipeline(cfg)
     screen_mode(cfg)  # a bad stage.screen fails before any training
     check_benchmark_data(cfg, plan)
@@ -184,14 +240,19 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
     if joint_facts is not None:
         references[JOINT] = {"checkpoint": str(checkpoints[JOINT]), "diagnostics": joint_facts}
         log.info("joint: %s; cosine(τ_joint, τᵢ) = %s", checkpoints[JOINT], joint_facts["cosine_with_joint"])
+    rows = {f"specialist:{key}": specialist_row(key) for key in families}
+    rows.update({r: reference_row(families) for r in plan.reference_rows})
     merge_cards = {}
-    for name, merger_cfg in plan.mergers.items():
-        if name in plan.grids:
-            card = timed(f"merge/{name}", select_and_merge, cfg, merger_cfg, plan.grids[name], split, reuse)
+    for label, merger_cfg in plan.mergers.items():
+        if label in plan.grids:
+            card = timed(
+                f"merge/{label}", select_and_merge, cfg, merger_cfg, plan.grids[label], split, reuse, label=label
+            )
         else:
-            card = timed(f"merge/{name}", merge_specialists, cfg, merger_cfg, reuse)
-        merge_cards[name] = {k: card[k] for k in ("hparams", "merge_seconds", "diagnostics", "selection") if k in card}
-        checkpoints[name] = Path(card.get("checkpoint_path", merged_path(cfg, merger_cfg)))
+            card = timed(f"merge/{label}", merge_specialists, cfg, merger_cfg, reuse)
+        merge_cards[label] = {k: card[k] for k in ("hparams", "merge_seconds", "diagnostics", "selection") if k in card}
+        rows[label] = merger_row(card, families, variant=label if label in plan.variants else None)
+        checkpoints[label] = Path(card.get("checkpoint_path", merged_path(cfg, merger_cfg)))
 
     members = [m for m in checkpoints if m.startswith("specialist:")]
     ensemble = "ensemble" in plan.reference_rows
@@ -212,6 +273,10 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         "stage": "pipeline",
         "backbone": str(cfg.backbone.name),
         "seed": int(cfg.seed),
+        "theta0": theta0_entry(base),
+        "families": families,
+        "rows": {label: rows[label] for label in report.models},
+        "row_order": list(report.models),  # metrics.json is key-sorted: the display order is this list
         "task_vector_cosines": {"names": names, "matrix": matrix},
         "merges": merge_cards,
         "reference_rows": references,
