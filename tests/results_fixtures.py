@@ -29,8 +29,8 @@ ScoreFn = Callable[[np.ndarray, np.ndarray, str, int], np.ndarray]
 
 
 def noisy(strength: float, noise_seed: int = 0) -> ScoreFn:
-    """Scores ``sigmoid(strength · label + noise)``: the noise depends on the set, frame and seed, not on the row, so two rows
-    built with the same ``noise_seed`` differ only in their strength."""
+    """Scores ``sigmoid(strength · label + noise)``: the noise depends on the set, frame and seed, not on the row,
+    so two rows built with the same ``noise_seed`` differ only in their strength."""
 
     def fn(labels: np.ndarray, video: np.ndarray, test_set: str, seed: int) -> np.ndarray:
         rng = np.random.default_rng([noise_seed, seed, sum(map(ord, test_set))])

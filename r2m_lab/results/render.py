@@ -50,9 +50,8 @@ def _missing_lines(table: Table) -> list[str]:
 def to_markdown(table: Table, confidence: float, replicates: int) -> str:
     theta0 = table.runs.theta0 or {}
     lines = [f"# {table.name}", ""]
-    lines.append(
-        f"θ₀ `{theta0.get('path')}` (hash {theta0.get('hash')}); overrides: {' '.join(table.runs.table_overrides) or '(none)'}"
-    )
+    overrides = " ".join(table.runs.table_overrides) or "(none)"
+    lines.append(f"θ₀ `{theta0.get('path')}` (hash {theta0.get('hash')}); overrides: {overrides}")
     lines.append("")
     for level in LEVELS:
         header = ["row", *(c.name for c in table.columns)]

@@ -129,7 +129,8 @@ class Sweep:
         return int(value if value is not None else self.config.get("seed"))
 
     def relaunch_command(self, overrides: Sequence[str]) -> str:
-        """The command that relaunches exactly the job with ``overrides`` into this sweep's folder."""
+        """``python -m r2m_lab -m -cd <config dir> -cn <config name> <the job's overrides> hydra.sweep.dir=<folder>``:
+        relaunches exactly that job into this sweep's folder (config dir: the sweep's primary config source)."""
         hydra = self.config["hydra"]
         mains = [s for s in hydra["runtime"]["config_sources"] if s.get("provider") == "main"]
         if len(mains) != 1:
@@ -139,7 +140,9 @@ class Sweep:
             ["-cd", source["path"]] if source["schema"] == "file" else ["-cp", f"{source['schema']}://{source['path']}"]
         )
         args = ["python", "-m", "r2m_lab", "-m", *where, "-cn", str(hydra["job"]["config_name"]), *overrides]
-        return shlex.join([*args, f"hydra.sweep.dir={hydra['sweep']['dir']}"])
+        # The folder the jobs are in now (absolute), not multirun.yaml's hydra.sweep.dir: a sweep copied or moved
+        # since, or launched with a relative dir from another cwd, still gets its jobs back in the same folder.
+        return shlex.join([*args, f"hydra.sweep.dir={self.folder.resolve()}"])
 
     def keep_config_command(self) -> str:
         """``cp -n multirun.yaml multirun.expected.yaml``: run before a relaunch, which overwrites multirun.yaml."""
