@@ -248,15 +248,42 @@ def _interval_json(diff: Interval) -> dict[str, Any]:
     }
 
 
+# Row facts that must agree between a row and its reference when the reference is found by merger name.
+_SAME = ("families", "step", "head")
+
+
+def reference_row(table: Table, row: str, name: str) -> str | None:
+    """The row ``row`` is compared with for reference ``name`` (``r2m`` / ``average``): the row labelled ``name``;
+    else (scaling, expansion, heads: labels carry the subset or step) the one row of merger ``name``, no variant,
+    built from the same families at the same step (and head)."""
+    if name in table.info:
+        return name
+    mine = table.info[row]
+    found = [
+        r
+        for r, info in table.info.items()
+        if info.get("merger") == name
+        and not info.get("variant")
+        and all(_same(info.get(k), mine.get(k)) for k in _SAME)
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def _same(a: Any, b: Any) -> bool:
+    return sorted(a) == sorted(b) if isinstance(a, list) and isinstance(b, list) else a == b
+
+
 def _pairs(table: Table, boot: Bootstrapper, level: str, confidence: float) -> list[dict[str, Any]]:
-    """Every merger row against each reference row present: per set and per protocol/group mean of the merger."""
+    """Every merger row against each of its reference rows (:func:`reference_row`): per set and per protocol/group
+    mean of the merger (the reference is scored on the merger's sets of that group)."""
     out = []
     cells = table.cells[level]
     for row in table.rows:
         if table.info[row].get("kind") != "merger":
             continue
-        for reference in REFERENCES:
-            if reference == row or reference not in table.info:
+        for name in REFERENCES:
+            reference = reference_row(table, row, name)
+            if reference is None or reference == row:
                 continue
             for column in table.columns:
                 sets = table.row_sets(row, column)
