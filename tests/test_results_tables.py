@@ -231,7 +231,8 @@ def test_stage_tables_through_the_cli(tmp_path):
     for name in ("tables/pipeline.md", "tables/pipeline.csv", "tables/pipeline.tex", "tables/pairs_video.csv"):
         assert (out / name).is_file(), name
     assert json.loads((out / "tables.json").read_text())["bootstrap"]["replicates"] == 50
-    assert (out / "csv").is_dir()  # debug=smoke logs to CSV
+    logged = (out / "tables-pipeline" / "version_0" / "metrics.csv").read_text()  # debug=smoke logs to CSV
+    assert "pipeline/frame/r2m/unseen/grid/auc_mean" in logged
     bad = subprocess.run(
         [sys.executable, "-m", "r2m_lab", "stage=tables", f"stage.runs=[{tmp_path / 'nope'}]", "debug=smoke"],
         cwd=tmp_path,

@@ -60,7 +60,8 @@ def tables(cfg: DictConfig) -> dict[str, Any]:
         confidence=float(cfg.stage.confidence),
     )
     group = result.sweeps[0].name if len(result.sweeps) == 1 else None
-    logger = build_logger(cfg, name=f"tables:{','.join(t.name for t in result.tables)}", group=group)
+    # "tables-<first table>": a file-system-safe name (the CSV logger makes it a folder of the run)
+    logger = build_logger(cfg, name=f"tables-{result.tables[0].name}" if result.tables else "tables", group=group)
     if logger is not None:
         try:
             log_tables(result, logger)
