@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE ?= 1
 
-.PHONY: install demo test test-fast lint format bench bench-merge clean
+.PHONY: install demo test test-fast lint format bench bench-merge tables clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,17 @@ bench: bench-merge
 
 bench-merge: install
 	$(BIN)/python -m r2m_lab.bench $(BENCH_ARGS)
+
+# Each folder quoted: job folders hold "=" and "," (0_seed=1,merger=average), which Hydra's list syntax would split.
+_comma := ,
+_space := $(subst ,, )
+RUNS_LIST = $(subst $(_space),$(_comma),$(foreach r,$(RUNS),"$(r)"))
+
+## The paper's tables (Markdown, CSV, LaTeX, plots, bootstrap intervals) from sweep and/or run folders:
+##   make tables RUNS="multirun/2026-12-03/12-00-00 multirun/2026-12-03/13-00-00" [TABLES_ARGS="stage.bootstrap=2000"]
+tables: install
+	@test -n "$(RUNS)" || { echo 'make tables needs RUNS="<sweep or run folder> ..."' >&2; exit 2; }
+	$(BIN)/python -m r2m_lab stage=tables 'stage.runs=[$(RUNS_LIST)]' $(TABLES_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

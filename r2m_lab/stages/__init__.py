@@ -14,6 +14,7 @@ from r2m_lab.stages.merge import merge
 from r2m_lab.stages.pipeline import pipeline
 from r2m_lab.stages.predict import predict
 from r2m_lab.stages.preprocess import preprocess
+from r2m_lab.stages.tables import tables
 
 STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "finetune": finetune,
@@ -23,6 +24,7 @@ STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "preprocess": preprocess,
     "import": import_checkpoints,
     "predict": predict,
+    "tables": tables,
 }
 
 
