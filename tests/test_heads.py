@@ -204,6 +204,7 @@ def test_validation_split_with_one_class_is_refused_by_name(tmp_path):
         (["stage.heads=[]"], "non-empty list"),
         (["stage.refit.Cs=[0.0,1.0]"], "positive"),
         (["stage.refit.folds=1"], "folds must be an integer >= 2"),
+        (["stage.heads=[average]", "stage.refit.folds=1"], "folds must be an integer >= 2"),  # checked even unused
         (["+stage.refit.penalty=l1"], "unknown knobs \\['penalty'\\]"),
         (["+stage.reference_rows=[joint]"], "drop stage.reference_rows"),
     ],

@@ -244,7 +244,8 @@ def heads(cfg: DictConfig) -> dict[str, Any]:
     families = chosen_families(cfg, plain(cfg.stage.get("families", "all")))
     cfg = restrict_benchmark(cfg, families)
     variants = head_variants(cfg, families)  # bad names fail before any work
-    refit = refit_knobs(cfg) if REFIT in variants else None
+    knobs = refit_knobs(cfg)  # checked even when no refit runs: a typo is never ignored
+    refit = knobs if REFIT in variants else None
     plan = plan_pipeline(cfg)
     if plan.reference_rows:
         raise ValueError(
