@@ -77,12 +77,16 @@ def test_adding_a_family_trains_only_its_specialist_and_re_merges(tmp_path):
         "edit",
     ]
     assert metrics["rows"]["specialist:edit"] == {**metrics["rows"]["specialist:edit"], "kind": "specialist"}
-    assert metrics["row_order"] == list(again["models"]) == [
-        "specialist:swap",
-        "specialist:reenact",
-        "specialist:edit",
-        "ensemble",
-        "average",
-    ]
+    assert (
+        metrics["row_order"]
+        == list(again["models"])
+        == [
+            "specialist:swap",
+            "specialist:reenact",
+            "specialist:edit",
+            "ensemble",
+            "average",
+        ]
+    )
     # the two merges are different checkpoints (the family set is part of the merged path)
     assert again["models"]["average"]["checkpoint"] != report["models"]["average"]["checkpoint"]

@@ -287,7 +287,9 @@ def test_smoke_ensemble_run_pins_metrics_json(trained_root, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     members = [f"specialist:{d.name}" for d in cfg.benchmark.specialists.values()]
     protocols = {p: [f"{p}/{k}" for k in sets] for p, sets in cfg.benchmark.protocols.items()}
-    assert set(metrics) == {"benchmark", "protocols", "models"} and metrics["benchmark"] == "synthetic"
+    assert set(metrics) == {"benchmark", "protocols", "models", "row_order", "protocol_order"}
+    assert metrics["benchmark"] == "synthetic" and metrics["row_order"] == list(returned["models"])
+    assert metrics["protocol_order"] == list(cfg.benchmark.protocols)
     assert metrics["protocols"] == protocols and list(returned["models"]) == [*members, "ensemble"]
     assert set(metrics["models"]) == {*members, "ensemble"}
     for model, result in metrics["models"].items():

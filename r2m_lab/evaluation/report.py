@@ -3,7 +3,8 @@
 Evaluation builds it (:meth:`ModelResult.from_scores` per model, then :class:`RunReport`); the writers in
 :mod:`r2m_lab.evaluation.writers` each turn it into one thing (metrics.json, score CSVs, tables, plots, logger
 entries). :meth:`RunReport.to_json` is the ``metrics.json`` payload: ``benchmark``, ``protocols``, ``models`` (one
-entry per row, see :meth:`ModelResult.to_json`), then the caller's ``extra`` entries in their order.
+entry per row, see :meth:`ModelResult.to_json`), ``row_order`` and ``protocol_order`` (the display orders: metrics.json
+is written key-sorted), then the caller's ``extra`` entries in their order.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from r2m_lab.evaluation.metrics import evaluate_scores, fit_threshold
 
 VALIDATION = "validation"  # the set thresholds are fitted on; every other set is a test set
 THRESHOLD_FITTED_ON = "validation (EER point)"
-RESERVED = ("benchmark", "protocols", "models")  # metrics.json keys the report itself writes
+# metrics.json keys the report itself writes; the file is key-sorted, so the display orders are lists of their own
+RESERVED = ("benchmark", "protocols", "models", "row_order", "protocol_order")
 
 
 @dataclass(frozen=True)
@@ -175,5 +177,7 @@ class RunReport:
             "benchmark": self.benchmark,
             "protocols": {p: list(names) for p, names in self.protocols.items()},
             "models": {label: result.to_json() for label, result in self.models.items()},
+            "row_order": list(self.models),
+            "protocol_order": list(self.protocols),
             **self.extra,
         }

@@ -166,11 +166,15 @@ def _layout(table: TableRuns) -> tuple[list[str], dict[str, dict[str, Any]], dic
     protocols: dict[str, list[str]] = {}
     for seed in table.seeds:
         metrics = table.runs[seed].metrics
+        # metrics.json is key-sorted: the display orders are its row_order and protocol_order lists
+        for label in metrics.get("row_order") or metrics["rows"]:
+            if label in metrics["rows"]:
+                rows.setdefault(label, metrics["rows"][label])
         for label, info in metrics["rows"].items():
             rows.setdefault(label, info)
-        for protocol, names in metrics["protocols"].items():
+        for protocol in metrics.get("protocol_order") or metrics["protocols"]:
             known = protocols.setdefault(protocol, [])
-            known += [n for n in names if n not in known]
+            known += [n for n in metrics["protocols"][protocol] if n not in known]
     sets = [n for names in protocols.values() for n in names]
     columns = [Column(s, "set", s) for s in sets]
     if any(not info.get("groups") for info in rows.values()):

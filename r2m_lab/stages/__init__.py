@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from r2m_lab.stages.evaluate import evaluate
 from r2m_lab.stages.finetune import finetune
+from r2m_lab.stages.heads import heads
 from r2m_lab.stages.import_ckpt import import_checkpoints
 from r2m_lab.stages.merge import merge
 from r2m_lab.stages.pipeline import pipeline
@@ -24,6 +25,7 @@ STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "preprocess": preprocess,
     "import": import_checkpoints,
     "predict": predict,
+    "heads": heads,
     "tables": tables,
 }
 

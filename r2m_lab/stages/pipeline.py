@@ -276,7 +276,6 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         "theta0": theta0_entry(base),
         "families": families,
         "rows": {label: rows[label] for label in report.models},
-        "row_order": list(report.models),  # metrics.json is key-sorted: the display order is this list
         "task_vector_cosines": {"names": names, "matrix": matrix},
         "merges": merge_cards,
         "reference_rows": references,
