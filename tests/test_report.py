@@ -170,7 +170,16 @@ def test_report_rows_context_and_json():
     full = report.with_context("toy run", {"seed": 3, "timings_seconds": {"evaluate": 2.4}})
     assert full.title == "toy run" and full.timings_seconds == {"evaluate": 2.4} and full.task_vector_cosines is None
     payload = full.to_json()
-    assert list(payload) == ["benchmark", "protocols", "models", "seed", "timings_seconds"]
+    assert list(payload) == [
+        "benchmark",
+        "protocols",
+        "models",
+        "row_order",
+        "protocol_order",
+        "seed",
+        "timings_seconds",
+    ]
+    assert payload["row_order"] == ["good", "poor"] and payload["protocol_order"] == ["p", "q"]
     assert payload["models"]["good"] == report.models["good"].to_json()
     assert "scores" not in json.dumps(payload)
     with pytest.raises(ValueError, match=r"2 names"):
