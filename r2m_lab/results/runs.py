@@ -132,9 +132,14 @@ class Sweep:
         """``python -m r2m_lab -m -cd <config dir> -cn <config name> <the job's overrides> hydra.sweep.dir=<folder>``:
         relaunches exactly that job into this sweep's folder (config dir: the sweep's primary config source)."""
         hydra = self.config["hydra"]
-        mains = [s for s in hydra["runtime"]["config_sources"] if s.get("provider") == "main"]
+        sources = hydra["runtime"]["config_sources"]
+        # `-cd experiments` adds its folder as the "command-line" source, and that is where -cn's file lives (the
+        # "main" source is r2m_lab's own conf/, which -cd does not replace)
+        mains = [s for s in sources if s.get("provider") == "command-line"] or [
+            s for s in sources if s.get("provider") == "main"
+        ]
         if len(mains) != 1:
-            raise ValueError(f"{self.config_file}: expected one config source with provider 'main', found {mains}")
+            raise ValueError(f"{self.config_file}: expected one primary config source, found {sources}")
         source = mains[0]
         where = (
             ["-cd", source["path"]] if source["schema"] == "file" else ["-cp", f"{source['schema']}://{source['path']}"]

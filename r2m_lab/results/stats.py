@@ -20,9 +20,10 @@ What is resampled, and why
 The interval is the percentile interval of the B replicates (``confidence`` 0.95 → 2.5 % and 97.5 % quantiles).
 Replicates whose resample holds a single class (AUC undefined) are dropped and counted (``n_undefined``).
 
-Speed: the AUC of all B replicates is computed at once as a weighted Mann-Whitney statistic over the scores sorted
-once: per run of tied scores, the positive and negative weight of each replicate (``np.add.reduceat``), then
-``Σ w⁺ (W⁻ below + ½ w⁻ tied) / (Σ w⁺ · Σ w⁻)`` (ties count half), vectorised over B in chunks that bound memory.
+Speed: the AUC of all B replicates is computed at once. Per model and set, the (fake video × real video) matrix of
+correctly ordered frame pairs (ties half) is counted once (:class:`SortedScores`); a replicate's Mann-Whitney
+numerator is then ``w⁺ M w⁻`` for its video counts, a matrix product over B, independent of the number of frames.
+:func:`weighted_auc` (per-score weights) sorts the scores once and sums per tie run instead.
 """
 
 from __future__ import annotations
@@ -44,41 +45,71 @@ def plain_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 class SortedScores:
-    """The scores of one model on one test set, sorted once, ready for the weighted AUC of many replicates.
+    """The scores of one model on one test set, reduced once to what the AUC of any video resample needs.
 
     ``unit`` maps each score to its resampling unit (its video): weights are given per unit, shape (B, n_units).
+    Under unit weights w the Mann-Whitney numerator is ``Σ_{u,v} w_u w_v M[u, v]`` with ``M[u, v]`` = the number of
+    (fake frame of u, real frame of v) pairs ordered correctly, ties counted half; ``M`` is (units with fakes ×
+    units with reals), computed once per model and set (one ``searchsorted`` per real unit), so a replicate costs a
+    vector-matrix product instead of a pass over every frame.
     """
 
     def __init__(self, scores: np.ndarray, labels: np.ndarray, unit: np.ndarray) -> None:
         scores = np.asarray(scores, dtype=np.float64)
-        order = np.argsort(scores, kind="stable")
-        sorted_scores = scores[order]
-        self.positive = np.asarray(labels)[order].astype(bool)  # (n,) label of each sorted score
-        self.unit = np.asarray(unit)[order]  # (n,) video index of each sorted score
-        self.starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])  # (G,) tie-run starts
+        positive = np.asarray(labels).astype(bool)
+        unit = np.asarray(unit)
+        n_units = int(unit.max()) + 1 if unit.size else 0
+        self.n_units = n_units
+        self.pos_units = np.unique(unit[positive])  # (U⁺,) units holding fake frames
+        self.neg_units = np.unique(unit[~positive])  # (U⁻,) units holding real frames
+        self.pos_count = np.bincount(unit[positive], minlength=n_units).astype(np.float64)  # (n_units,)
+        self.neg_count = np.bincount(unit[~positive], minlength=n_units).astype(np.float64)
+        pos_scores, pos_unit = scores[positive], unit[positive]
+        row = np.searchsorted(self.pos_units, pos_unit)  # (F⁺,) row of M of each fake frame
+        pairs = np.zeros((self.pos_units.size, self.neg_units.size), dtype=np.float64)  # (U⁺, U⁻)
+        for j, v in enumerate(self.neg_units):
+            real = np.sort(scores[~positive & (unit == v)])  # (F_v,) real frames of unit v
+            below = np.searchsorted(real, pos_scores, side="left")  # real frames of v scored below each fake
+            tied = np.searchsorted(real, pos_scores, side="right") - below
+            pairs[:, j] = np.bincount(row, weights=below + 0.5 * tied, minlength=self.pos_units.size)
+        self.pairs = pairs
 
     def auc(self, unit_weights: np.ndarray) -> np.ndarray:
         """AUC under each row of ``unit_weights`` (B, n_units) → (B,); NaN where a replicate has a single class."""
         weights = np.asarray(unit_weights, dtype=np.float64)
-        n = self.unit.size
-        chunk = max(1, _CHUNK_ELEMENTS // max(n, 1))
-        out = np.empty(weights.shape[0], dtype=np.float64)
-        for lo in range(0, weights.shape[0], chunk):
-            w = weights[lo : lo + chunk][:, self.unit]  # (b, n) weight of each sorted score
-            w_pos = np.add.reduceat(np.where(self.positive, w, 0.0), self.starts, axis=1)  # (b, G) per tie run
-            w_neg = np.add.reduceat(np.where(self.positive, 0.0, w), self.starts, axis=1)
-            below = np.cumsum(w_neg, axis=1) - w_neg  # negative weight strictly below each tie run
-            num = (w_pos * (below + 0.5 * w_neg)).sum(axis=1)
-            den = w_pos.sum(axis=1) * w_neg.sum(axis=1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out[lo : lo + chunk] = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-        return out
+        w_pos, w_neg = weights[:, self.pos_units], weights[:, self.neg_units]  # (B, U⁺), (B, U⁻)
+        num = ((w_pos @ self.pairs) * w_neg).sum(axis=1)
+        den = (weights @ self.pos_count) * (weights @ self.neg_count)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _weighted_auc_sorted(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUC under per-score weights (B, n): a weighted Mann-Whitney over the scores sorted once, ties half."""
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    positive = np.asarray(labels)[order].astype(bool)
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])  # (G,) tie-run starts
+    weights = np.asarray(weights, dtype=np.float64)
+    n = scores.size
+    chunk = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    out = np.empty(weights.shape[0], dtype=np.float64)
+    for lo in range(0, weights.shape[0], chunk):
+        w = weights[lo : lo + chunk][:, order]  # (b, n) weight of each sorted score
+        w_pos = np.add.reduceat(np.where(positive, w, 0.0), starts, axis=1)  # (b, G) per tie run
+        w_neg = np.add.reduceat(np.where(positive, 0.0, w), starts, axis=1)
+        below = np.cumsum(w_neg, axis=1) - w_neg  # negative weight strictly below each tie run
+        num = (w_pos * (below + 0.5 * w_neg)).sum(axis=1)
+        den = w_pos.sum(axis=1) * w_neg.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[lo : lo + chunk] = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    return out
 
 
 def weighted_auc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """AUC of ``scores`` under each row of per-score ``weights`` (B, n) → (B,) (see the module docstring)."""
-    n = np.asarray(scores).size
-    return SortedScores(scores, labels, np.arange(n)).auc(weights)
+    return _weighted_auc_sorted(scores, labels, weights)
 
 
 @dataclass(frozen=True)
