@@ -8,12 +8,14 @@ from typing import Any
 from omegaconf import DictConfig
 
 from r2m_lab.stages.evaluate import evaluate
+from r2m_lab.stages.expansion import expansion
 from r2m_lab.stages.finetune import finetune
 from r2m_lab.stages.import_ckpt import import_checkpoints
 from r2m_lab.stages.merge import merge
 from r2m_lab.stages.pipeline import pipeline
 from r2m_lab.stages.predict import predict
 from r2m_lab.stages.preprocess import preprocess
+from r2m_lab.stages.scaling import scaling
 
 STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "finetune": finetune,
@@ -23,6 +25,8 @@ STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "preprocess": preprocess,
     "import": import_checkpoints,
     "predict": predict,
+    "scaling": scaling,
+    "expansion": expansion,
 }
 
 
