@@ -11,7 +11,7 @@ import pytest
 
 from r2m_lab.stages import run_stage
 from r2m_lab.stages.artifacts import base_path
-from r2m_lab.stages.scaling import family_subsets, hydra_value, merger_overrides
+from r2m_lab.stages.scaling import family_subsets, hydra_value, merger_overrides, row_groups
 from r2m_lab.weights import Checkpoint
 from tests.conftest import compose_config
 
@@ -157,3 +157,22 @@ def test_bad_scaling_knobs_are_refused_before_training(tmp_path, overrides, mess
     with pytest.raises(ValueError, match=message):
         run_stage(cfg)
     assert not (tmp_path / "artifacts").exists()  # nothing trained
+
+
+def test_groups_follow_each_benchmarks_protocols(tmp_path):
+    """DF40's cross-dataset sets are one per family (the row's own go to `cross`); FF++'s are not any family's, so
+    every row gets them alike under the protocol's name; FF++ has no unseen protocol."""
+    df40 = compose_config(tmp_path, ["benchmark=df40"])
+    assert row_groups(df40, ["fs", "efs"]) == {
+        "merged": ["in_distribution/fs", "in_distribution/efs"],
+        "left_out": ["in_distribution/fr"],
+        "unseen": [f"unseen/{k}" for k in df40.benchmark.protocols.unseen],
+        "cross": ["cross_dataset/fs", "cross_dataset/efs"],
+        "cross_left_out": ["cross_dataset/fr"],
+    }
+    ffpp = compose_config(tmp_path, ["benchmark=ffpp"])
+    assert row_groups(ffpp, ["df", "f2f"], inside="seen", outside="not_yet_added") == {
+        "seen": ["in_distribution/df", "in_distribution/f2f"],
+        "not_yet_added": ["in_distribution/fs", "in_distribution/nt"],
+        "cross_dataset": ["cross_dataset/celebdf_v2", "cross_dataset/dfd", "cross_dataset/dfdc", "cross_dataset/dfdcp"],
+    }

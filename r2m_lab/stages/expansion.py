@@ -46,7 +46,7 @@ from r2m_lab.stages.finetune import train_detector
 from r2m_lab.stages.merge import SELECTION_SPLIT, open_specialists
 from r2m_lab.stages.pipeline import JOINT, check_benchmark_data
 from r2m_lab.stages.rows import merger_row, reference_row, theta0_entry
-from r2m_lab.stages.scaling import UNSEEN, _fmt, group_means, merge_subset, plan_subsets, stopwatch, test_set_groups
+from r2m_lab.stages.scaling import UNSEEN, fmt_cell, group_means, merge_subset, plan_subsets, row_groups, stopwatch
 from r2m_lab.weights import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def expansion(cfg: DictConfig) -> dict[str, Any]:
         )
     steps = {n: order[:n] for n in range(start, len(order) + 1)}  # step → the families merged so far (in `order`)
     plans = plan_subsets(cfg, list(steps.values()))
-    test_set_groups(cfg, order)  # a benchmark without per-family in-distribution sets is refused before training
+    row_groups(cfg, order)  # a benchmark without per-family in-distribution sets is refused before training
     check_benchmark_data(cfg, dataclasses.replace(plans[tuple(order)], reference_rows=[JOINT]))
     log.info("expansion: order %s, steps %s", order, list(steps))
 
@@ -120,7 +120,7 @@ def expansion(cfg: DictConfig) -> dict[str, Any]:
         joint_path = specialist_path(sub, str(sub.benchmark.joint.name))
         if Checkpoint(joint_path).base_hash != base.base_hash:
             raise ValueError(f"the joint model {joint_path} was not fine-tuned from θ₀ {base.path.name}")
-        groups = test_set_groups(cfg, families, inside=SEEN, outside=NOT_YET)
+        groups = row_groups(cfg, families, inside=SEEN, outside=NOT_YET)
         kept = list(families)  # in the order they were added
         plan = plans[tuple(families)]
         cards = timed(f"merge@{n}", merge_subset, sub, plan, split, reuse, str(n))
@@ -190,7 +190,7 @@ def expansion_markdown(report: RunReport, rows: Mapping[str, Mapping[str, Any]])
     for label, row in rows.items():
         means = group_means(report, label, row["groups"])
         lines.append(
-            f"| {row['step']} | {'+'.join(row['added'])} | {row['row']} | {_fmt(means.get(SEEN))} | "
-            f"{_fmt(means.get(NOT_YET))} | {_fmt(means.get(UNSEEN))} | {_fmt(row['cost_seconds'], 2)} |"
+            f"| {row['step']} | {'+'.join(row['added'])} | {row['row']} | {fmt_cell(means.get(SEEN))} | "
+            f"{fmt_cell(means.get(NOT_YET))} | {fmt_cell(means.get(UNSEEN))} | {fmt_cell(row['cost_seconds'], 2)} |"
         )
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ plans them, chooses its scalar on the validation split of that subset's families
 
 All rows (the specialists, then each subset's merges, labelled ``<row>@<family+family…>``) are scored in one
 evaluation on the full benchmark's test sets, so each frame is scored once per model. Each row's ``groups``
-(see :func:`test_set_groups`) names the sets the table builder averages: ``merged`` (in-distribution sets of the
+(see :func:`row_groups`) names the sets the table builder averages: ``merged`` (in-distribution sets of the
 row's families), ``left_out`` (those of the other families), ``unseen`` (the benchmark's unseen protocol), ``cross``
 (the row's families in the cross-domain / cross-dataset protocols). ``peak_memory_bytes`` is measured, with
 ``stage.measure_memory``, by re-running the first subset's winning merge config of each size in a fresh interpreter
@@ -88,7 +88,7 @@ def family_subsets(families: Sequence[str], size: int, max_subsets: int) -> tupl
     return windows, f"cyclic windows (first {len(windows)} of the {k} windows; {math.comb(k, size)} subsets)"
 
 
-def test_set_groups(
+def row_groups(
     cfg: DictConfig, families: Sequence[str], inside: str = "merged", outside: str = "left_out"
 ) -> dict[str, list[str]]:
     """``{group: [test sets]}`` of a row built from ``families``, over the full benchmark's ``<protocol>/<key>`` sets.
@@ -200,7 +200,11 @@ def stopwatch(timings: dict[str, float]) -> Callable[..., Any]:
     return timed
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def fmt_cell(value: float | None, digits: int = 3) -> str:
     return "" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
@@ -222,7 +226,7 @@ def scaling(cfg: DictConfig) -> dict[str, Any]:
         subsets[size], choice[size] = family_subsets(keys, size, max_subsets)
     flat = [s for size in sizes for s in subsets[size]]
     plans = plan_subsets(cfg, flat)
-    test_set_groups(cfg, keys)  # a benchmark without per-family in-distribution sets is refused before training
+    row_groups(cfg, keys)  # a benchmark without per-family in-distribution sets is refused before training
     measure = bool(cfg.stage.measure_memory)
     check_benchmark_data(cfg, plans[tuple(flat[-1])])
     log.info("scaling: %d subsets of sizes %s (%s)", len(flat), sizes, choice)
@@ -237,7 +241,7 @@ def scaling(cfg: DictConfig) -> dict[str, Any]:
     for key in keys:
         label = f"specialist:{key}"
         checkpoints[label] = specialist_path(cfg, str(cfg.benchmark.specialists[key].name))
-        rows[label] = {**specialist_row(key), "n": 1, "groups": test_set_groups(cfg, [key])}
+        rows[label] = {**specialist_row(key), "n": 1, "groups": row_groups(cfg, [key])}
     merges: dict[str, dict[str, Any]] = {}
     memory: dict[str, dict[str, Any]] = {}
     for subset in tqdm(flat, desc="scaling subsets", unit="subset"):
@@ -248,7 +252,7 @@ def scaling(cfg: DictConfig) -> dict[str, Any]:
         first_of_size = subset == subsets[len(subset)][0]
         for name, (card, _) in cards.items():
             label = f"{name}@{tag}"
-            info: dict[str, Any] = {"n": len(subset), "groups": test_set_groups(cfg, subset)}
+            info: dict[str, Any] = {"n": len(subset), "groups": row_groups(cfg, subset)}
             rows[label] = merger_row(card, subset, variant=name if name in plan.variants else None, **info)
             rows[label]["row"] = name
             checkpoints[label] = Path(card.get("checkpoint_path", merged_path(sub, plan.mergers[name])))
@@ -304,16 +308,11 @@ def scaling_markdown(report: RunReport, rows: Mapping[str, Mapping[str, Any]]) -
         for n in sorted(per_n):
             labels = per_n[n]
             means = [group_means(report, label, rows[label]["groups"]) for label in labels]
-
-            def avg(group: str, means: list[dict[str, float]] = means) -> float | None:
-                values = [m[group] for m in means if group in m]
-                return float(np.mean(values)) if values else None
-
-            seconds = [rows[label]["merge_seconds"] for label in labels if rows[label]["merge_seconds"] is not None]
-            peaks = [rows[label]["peak_memory_bytes"] for label in labels if rows[label]["peak_memory_bytes"]]
-            lines.append(
-                f"| {n} | {len(labels)} | {_fmt(avg('merged'))} | {_fmt(avg('left_out'))} | {_fmt(avg(UNSEEN))} | "
-                f"{_fmt(float(np.mean(seconds)) if seconds else None, 2)} | "
-                f"{_fmt(peaks[0] / 1e6 if peaks else None, 0)} |"
+            cells = [_mean([m[g] for m in means if g in m]) for g in ("merged", "left_out", UNSEEN)]
+            seconds = _mean(
+                [rows[label]["merge_seconds"] for label in labels if rows[label]["merge_seconds"] is not None]
             )
+            peaks = [rows[label]["peak_memory_bytes"] for label in labels if rows[label]["peak_memory_bytes"]]
+            row = [str(n), str(len(labels)), *(fmt_cell(c) for c in cells), fmt_cell(seconds, 2)]
+            lines.append("| " + " | ".join([*row, fmt_cell(peaks[0] / 1e6 if peaks else None, 0)]) + " |")
     return "\n".join(lines) + "\n"
