@@ -135,6 +135,7 @@ def test_pipeline_selects_each_grid_on_validation(tmp_path):
             "stage.mergers=[average,task_arithmetic]",
             "+stage.select.task_arithmetic={lam:[0.2,0.6]}",
             "stage.reference_rows=[ensemble]",
+            "~stage.variants.r2m_kit",
         ],
     )
     report = run_stage(cfg)

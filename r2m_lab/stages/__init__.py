@@ -8,6 +8,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from r2m_lab.stages.evaluate import evaluate
+from r2m_lab.stages.expansion import expansion
 from r2m_lab.stages.finetune import finetune
 from r2m_lab.stages.heads import heads
 from r2m_lab.stages.import_ckpt import import_checkpoints
@@ -15,6 +16,7 @@ from r2m_lab.stages.merge import merge
 from r2m_lab.stages.pipeline import pipeline
 from r2m_lab.stages.predict import predict
 from r2m_lab.stages.preprocess import preprocess
+from r2m_lab.stages.scaling import scaling
 from r2m_lab.stages.tables import tables
 
 STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
@@ -25,6 +27,8 @@ STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "preprocess": preprocess,
     "import": import_checkpoints,
     "predict": predict,
+    "scaling": scaling,
+    "expansion": expansion,
     "heads": heads,
     "tables": tables,
 }

@@ -238,6 +238,7 @@ def select_and_merge(
             card["selection"]["plot"] = str(plot_selection(cfg, plot_name, card["selection"]))  # this run's folder
             return card
     curve, best, best_result = [], -1, None
+    start = time.perf_counter()  # the selection wall-clock: every grid merge and its validation scoring
     scorer = UniqueFrameScorer({"validation": val}, int(cfg.eval_batch_size), device)  # shared real frames: once
     for i, (point, point_cfg) in enumerate(tqdm(list(zip(grid, points, strict=True)), desc=f"select {name}")):
         result = _run_merger(cfg, point_cfg, base, specialists)
@@ -264,6 +265,7 @@ def select_and_merge(
         "grid": {k: list(v) for k, v in select.items()},
         "curve": curve,
         "chosen": chosen,
+        "seconds": round(time.perf_counter() - start, 3),  # kept on reuse: stage=expansion's cost of a step
     }
     selection["plot"] = str(plot_selection(cfg, plot_name, selection))
     card = merge_specialists(cfg, points[best], reuse=reuse, selection=selection, result=best_result)
