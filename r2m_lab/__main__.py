@@ -25,8 +25,10 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     from r2m_lab.failed_jobs import report
+    from r2m_lab.results.callback import build_pending
 
     try:
         main()
     finally:
         report(sys.stderr)  # every failed job of a sweep, not only the first one Hydra re-raises
+        build_pending()  # a paper sweep with failed jobs still gets its tables, missing cells marked

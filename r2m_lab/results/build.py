@@ -72,6 +72,7 @@ def table_json(table: Table) -> dict[str, Any]:
         "missing_seeds": table.runs.missing_seeds,
         "runs": {str(s): str(r.folder) for s, r in table.runs.runs.items()},
         "columns": [{"name": c.name, "kind": c.kind, "key": c.key} for c in table.columns],
+        "row_order": list(table.rows),  # tables.json is key-sorted: the display order is this list
         "rows": {r: table.info[r] for r in table.rows},
         "levels": {
             level: {

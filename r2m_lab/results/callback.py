@@ -1,0 +1,57 @@
+"""A Hydra callback that builds a sweep's tables when the sweep ends: ``<sweep dir>/tables/``.
+
+The paper's sweeps (``experiments/*.yaml``) list it under ``hydra.callbacks``. Hydra calls ``on_multirun_end`` only
+when every job succeeded (its basic sweeper re-raises a failed job first), so ``python -m r2m_lab`` also calls
+:func:`build_pending` when it exits: a sweep with failed jobs still gets its tables, whose missing cells say so, and
+the command that re-launches exactly those jobs (``relaunch.sh``). A builder error never hides the jobs' own errors:
+it is logged with the command that rebuilds the tables by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+_PENDING: dict[str, Any] = {}  # the sweep of this process whose tables are still to be built
+
+
+class BuildTables(Callback):
+    """Remember the sweep at its start; build its tables at its end (or at exit, see :func:`build_pending`)."""
+
+    def __init__(self, replicates: int = 1000, seed: int = 0, confidence: float = 0.95) -> None:
+        self.settings = {"replicates": int(replicates), "seed": int(seed), "confidence": float(confidence)}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _PENDING.update(sweep=Path(str(config.hydra.sweep.dir)), settings=self.settings)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        build_pending()
+
+
+def build_pending() -> Path | None:
+    """Build the tables of the sweep this process ran, once; return their folder (None when there is nothing to do
+    or the build failed, which is logged)."""
+    if not _PENDING:
+        return None
+    sweep, settings = _PENDING.pop("sweep"), _PENDING.pop("settings")
+    from r2m_lab.results.build import build_tables  # the builder's imports only when a sweep ends
+
+    out = sweep / "tables"
+    try:
+        result = build_tables([sweep], out, **settings)
+    except Exception:
+        log.exception(
+            "building the tables of %s failed; rebuild them with: python -m r2m_lab stage=tables 'stage.runs=[%s]'",
+            sweep,
+            sweep,
+        )
+        return None
+    print(result.markdown)  # the sweep's final word, as a single run prints its table
+    log.info("Tables of the sweep written to %s", out)
+    return out
