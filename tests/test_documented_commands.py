@@ -52,8 +52,12 @@ class Make:
 
 PIPELINE = ByTest("tests/test_stages.py::test_pipeline_end_to_end_and_reuse")
 SWEEPS = ByTest(
-    "tests/test_cli.py::test_documented_smoke_sweeps_run_from_a_fresh_checkout_and_leave_real_artifacts_alone"
+    "tests/test_cli.py::test_merger_sweep_runs_every_merger_from_a_fresh_checkout_and_leaves_real_artifacts_alone"
 )
+PAPER_SWEEPS = ByTest(
+    "tests/test_paper_sweeps.py::test_every_paper_sweep_builds_its_tables_and_a_failed_job_is_relaunched_exactly"
+)
+TABLES = ByTest("tests/test_results_tables.py::test_stage_tables_through_the_cli")
 MULTIRUN = ByTest("tests/test_cli.py::test_multirun_merge_sweep")
 REAL_DATA = ByTest("tests/test_data.py::test_real_data_finetune_then_evaluate")
 AUGMENT = ByTest("tests/test_data.py::test_augmentation_knobs_change_the_pipeline")
@@ -198,7 +202,35 @@ COVERAGE: dict[str, tuple[ByTest | FailsFast | Make, ...]] = {
     # a multirun (MULTIRUN) whose jobs select η on validation, then evaluate, as the ablation sweep's jobs do (SWEEPS)
     "python -m r2m_lab -m stage=merge merger=r2m rank_ratio=0.02,0.05,0.1,0.2,0.5,1.0 stage.evaluate=true "
     "'stage.select={eta:[0,1,2,3,5,8,12]}'": (MULTIRUN, SWEEPS),
-    "python -m r2m_lab -cd experiments -cn r2m_ablation": (SWEEPS,),
+    "python -m r2m_lab -cd experiments -cn r2m_ablation": (PAPER_SWEEPS,),
+    "python -m r2m_lab -cd experiments -cn main_tables": (PAPER_SWEEPS,),
+    "python -m r2m_lab -cd experiments -cn scaling": (
+        PAPER_SWEEPS,
+        ByTest("tests/test_scaling.py::test_scaling_merges_every_subset_on_its_own_validation_and_scores_once"),
+    ),
+    "python -m r2m_lab -cd experiments -cn expansion": (
+        PAPER_SWEEPS,
+        ByTest("tests/test_expansion.py::test_expansion_adds_one_family_per_step_against_joint_retraining"),
+    ),
+    "python -m r2m_lab -cd experiments -cn head_ablation": (
+        PAPER_SWEEPS,
+        ByTest("tests/test_heads.py::test_refit_sees_validation_only_and_reproduces_sklearn"),
+    ),
+    "python -m r2m_lab stage.families=[swap,reenact,synthesis] 'stage.reference_rows=[ensemble]'": (
+        ByTest("tests/test_families.py::test_adding_a_family_trains_only_its_specialist_and_re_merges"),
+    ),
+    "python -m r2m_lab stage=tables 'stage.runs=[multirun/2026-12-03/12-00-00]'": (TABLES, PAPER_SWEEPS),
+    'make tables RUNS="multirun/2026-12-03/12-00-00 multirun/2026-12-03/13-10-00"': (
+        Make(
+            """-m r2m_lab stage=tables 'stage.runs=["multirun/2026-12-03/12-00-00","multirun/2026-12-03/13-10-00"]'"""
+        ),
+        TABLES,
+    ),
+    "python -m r2m_lab -cd experiments -cn main_tables benchmark=df40 backbone=clip_vit_l14 "
+    "backbone.weights.path=/models/clip-vit-large-patch14/model.safetensors paths.data_dir=/data/df40 device=cuda": (
+        FailsFast("Backbone weights for clip_vit_l14 not found at /models/clip-vit-large-patch14/model.safetensors"),
+        PAPER_SWEEPS,
+    ),
 }
 
 
@@ -264,6 +296,8 @@ FAILS_FAST = [(c, k) for c, ks in COVERAGE.items() for k in ks if isinstance(k, 
 def test_command_without_its_data_or_weights_stops_at_once_saying_what_is_missing(command, check, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
     args = shlex.split(command)[3:]  # after "python -m r2m_lab"
+    # run from a temp folder: a sweep's `-cd experiments` (relative to the checkout, as documented) made absolute
+    args = [str(REPO / a) if i and args[i - 1] == "-cd" else a for i, a in enumerate(args)]
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "r2m_lab", *args, f"paths.root={tmp_path}"],
