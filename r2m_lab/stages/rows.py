@@ -10,7 +10,10 @@ meaning from its label:
 - ``families``: the family keys the row's model was built from;
 - ``merge_seconds`` and ``peak_memory_bytes`` of the merge (null when not measured);
 - ``groups``: {group: [test sets]} the builder averages for this row (scaling, expansion), absent otherwise;
-- stage-specific keys (``step``, ``cost_seconds``, ``head``, ``base_row``) documented where they are written.
+- stage-specific keys, documented where they are written: scaling ``n`` and ``row`` (the merger or variant label
+  the row repeats per subset); expansion ``step``, ``added``, ``row``, ``cost_seconds`` and ``cost_parts`` (the new
+  specialists' ``train_seconds`` and the merge/selection seconds), joint rows ``data``; heads ``head`` and
+  ``base_row``.
 
 ``theta0_entry`` is the run's ``theta0`` entry: the θ₀ every row descends from, so runs from different θ₀ are never
 pooled.
