@@ -220,6 +220,7 @@ COVERAGE: dict[str, tuple[ByTest | FailsFast | Make, ...]] = {
         ByTest("tests/test_families.py::test_adding_a_family_trains_only_its_specialist_and_re_merges"),
     ),
     "python -m r2m_lab stage=tables 'stage.runs=[multirun/2026-12-03/12-00-00]'": (TABLES, PAPER_SWEEPS),
+    "python -m r2m_lab stage=tables 'stage.runs=[<sweep folder>]'": (TABLES, PAPER_SWEEPS),
     'make tables RUNS="multirun/2026-12-03/12-00-00 multirun/2026-12-03/13-10-00"': (
         Make(
             """-m r2m_lab stage=tables 'stage.runs=["multirun/2026-12-03/12-00-00","multirun/2026-12-03/13-10-00"]'"""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class BuildTables(Callback):
         self.settings = {"replicates": int(replicates), "seed": int(seed), "confidence": float(confidence)}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _PENDING.update(sweep=Path(str(config.hydra.sweep.dir)), settings=self.settings)
+        _PENDING.update(sweep=Path(str(config.hydra.sweep.dir)), settings=self.settings, config=config.copy())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         build_pending()
@@ -39,12 +39,25 @@ def build_pending() -> Path | None:
     or the build failed, which is logged)."""
     if not _PENDING:
         return None
-    sweep, settings = _PENDING.pop("sweep"), _PENDING.pop("settings")
-    from r2m_lab.results.build import build_tables  # the builder's imports only when a sweep ends
+    sweep, settings, config = _PENDING.pop("sweep"), _PENDING.pop("settings"), _PENDING.pop("config")
+    from r2m_lab.stages.tables import tables  # the builder's imports only when a sweep ends
 
     out = sweep / "tables"
+    # stage=tables on the sweep's own config (its logger: W&B offline by default, in the sweep's group), writing
+    # into <sweep dir>/tables; the hydra node goes (its runtime values belong to the jobs, not to this build)
+    cfg = config.copy()
+    with open_dict(cfg):
+        del cfg["hydra"]
+        cfg.paths.output_dir = str(out)
+        cfg.stage = {
+            "name": "tables",
+            "runs": [str(sweep)],
+            "bootstrap": settings["replicates"],
+            "bootstrap_seed": settings["seed"],
+            "confidence": settings["confidence"],
+        }
     try:
-        result = build_tables([sweep], out, **settings)
+        tables(cfg)
     except Exception:
         log.exception(
             "building the tables of %s failed; rebuild them with: python -m r2m_lab stage=tables 'stage.runs=[%s]'",
@@ -52,6 +65,5 @@ def build_pending() -> Path | None:
             sweep,
         )
         return None
-    print(result.markdown)  # the sweep's final word, as a single run prints its table
     log.info("Tables of the sweep written to %s", out)
     return out

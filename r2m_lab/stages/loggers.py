@@ -54,23 +54,33 @@ def run_identity(cfg: DictConfig, part: str | None = None, group: str | None = N
       outside a sweep, ``group`` as given (the pipeline passes its run folder's name) or none.
     - ``job_type``: the stage (``finetune`` for a fine-tune inside the pipeline: ``part`` starts with its kind).
     - ``name``: the job's overrides (``seed=1,stage.families=[swap,edit]``), or the stage without any, then ``part``.
+
+    A ``stage=tables`` run keeps the group it is given (the sweep it built, see ``stages/tables.py``) and is named
+    ``part``.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     stage = str(cfg.stage.name)
+    if stage == "tables":  # a tables run is filed with the sweep it built (its group given) and named after it
+        return {"group": group, "job_type": stage, "name": part or stage}
     overrides = ""
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         overrides = str(hydra_cfg.job.override_dirname or "")
         if hydra_cfg.mode == RunMode.MULTIRUN:
-            sweep = Path(str(hydra_cfg.sweep.dir))
-            launch = "_".join(sweep.parts[-2:]) if len(sweep.parts) >= 2 else sweep.name
-            config_name = str(hydra_cfg.job.config_name or "config")
-            group = f"{stage if config_name == 'config' else config_name}@{launch}"
+            group = sweep_group(str(hydra_cfg.job.config_name or "config"), stage, hydra_cfg.sweep.dir)
     job_type = "finetune" if part and part.split("-", 1)[0] in ("specialist", "joint") else stage
     name = " ".join(p for p in (overrides or stage, part) if p)
     return {"group": group, "job_type": job_type, "name": name}
+
+
+def sweep_group(config_name: str, stage: str, sweep_dir: str | Path) -> str:
+    """The W&B group of a sweep: ``<sweep config name, or the stage for a plain -m>@<date>_<time>`` (the last two
+    parts of ``hydra.sweep.dir``), shared by its jobs and by the tables built from it."""
+    sweep = Path(str(sweep_dir))
+    launch = "_".join(sweep.parts[-2:]) if len(sweep.parts) >= 2 else sweep.name
+    return f"{stage if config_name == 'config' else config_name}@{launch}"
 
 
 def build_logger(cfg: DictConfig, name: str | None = None, group: str | None = None) -> Any:

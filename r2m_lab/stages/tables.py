@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from r2m_lab.results.build import BuildResult, build_tables
 from r2m_lab.results.tables import LEVELS
 from r2m_lab.stages.artifacts import output_dir
-from r2m_lab.stages.loggers import build_logger, close_logger
+from r2m_lab.stages.loggers import build_logger, close_logger, sweep_group
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,11 @@ def tables(cfg: DictConfig) -> dict[str, Any]:
         seed=int(cfg.stage.bootstrap_seed),
         confidence=float(cfg.stage.confidence),
     )
-    group = result.sweeps[0].name if len(result.sweeps) == 1 else None
+    group = None
+    if len(result.sweeps) == 1:  # the W&B group of the sweep's own jobs
+        sweep = result.sweeps[0]
+        stage = str((sweep.config.get("stage") or {}).get("name", "pipeline"))
+        group = sweep_group(str(sweep.config["hydra"]["job"]["config_name"]), stage, sweep.folder)
     # "tables-<first table>": a file-system-safe name (the CSV logger makes it a folder of the run)
     logger = build_logger(cfg, name=f"tables-{result.tables[0].name}" if result.tables else "tables", group=group)
     if logger is not None:
