@@ -9,6 +9,7 @@ it is logged with the command that rebuilds the tables by hand.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ class BuildTables(Callback):
         self.settings = {"replicates": int(replicates), "seed": int(seed), "confidence": float(confidence)}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _PENDING.update(sweep=Path(str(config.hydra.sweep.dir)), settings=self.settings, config=config.copy())
+        _PENDING.update(sweep=Path(str(config.hydra.sweep.dir)), settings=self.settings, config=copy.deepcopy(config))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         build_pending()
@@ -45,7 +46,7 @@ def build_pending() -> Path | None:
     out = sweep / "tables"
     # stage=tables on the sweep's own config (its logger: W&B offline by default, in the sweep's group), writing
     # into <sweep dir>/tables; the hydra node goes (its runtime values belong to the jobs, not to this build)
-    cfg = config.copy()
+    cfg = copy.deepcopy(config)
     with open_dict(cfg):
         del cfg["hydra"]
         cfg.paths.output_dir = str(out)
