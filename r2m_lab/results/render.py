@@ -47,23 +47,74 @@ def _missing_lines(table: Table) -> list[str]:
     return lines
 
 
+def _marked(cell: Any) -> str:
+    text = cell.text().replace("|", "\\|")
+    return f"**{text}**" if cell.mark == "best" else f"{text} {TIE}" if cell.mark == "tie" else text
+
+
+def _signed(value: float) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:+.3f}"
+
+
+def summary_markdown(table: Table, confidence: float) -> list[str]:
+    """The compact view first: each row's protocol (or group) means at both levels, then, per reference (``r2m``,
+    ``average``), every merger's paired frame-level difference of those means with its interval."""
+    means = [c for c in table.columns if c.kind in ("protocol", "group")]
+    if not means:
+        return []
+    header = [f"{c.key} ({level})" for level in LEVELS for c in means]
+    lines = [
+        f"## {table.name}: mean AUC per {'protocol' if means[0].kind == 'protocol' else 'group'}, "
+        f"{seeds_phrase(table)}",
+        "",
+        "| row | " + " | ".join(header) + " |",
+    ]
+    lines.append("|" + "|".join(["---"] + ["---:"] * len(header)) + "|")
+    for row in table.rows:
+        cells = [_marked(table.cells[level][(row, c.name)]) for level in LEVELS for c in means]
+        lines.append("| " + " | ".join([row.replace("|", "\\|"), *cells]) + " |")
+    lines.append("")
+    pct = f"{100 * confidence:g} %"
+    pairs = [p for p in table.pairs["frame"] if p["column"] in {c.name for c in means}]
+    for reference in dict.fromkeys(p["reference"] for p in pairs):
+        mine = {(p["row"], p["column"]): p for p in pairs if p["reference"] == reference}
+        rows = list(dict.fromkeys(r for r, _ in mine))
+        lines += [
+            f"Frame-level AUC difference against `{reference}` (mean over seeds, {pct} paired bootstrap interval; "
+            "`*`: the interval excludes zero):",
+            "",
+            "| row | " + " | ".join(c.key for c in means) + " |",
+            "|" + "|".join(["---"] + ["---:"] * len(means)) + "|",
+        ]
+        for row in rows:
+            texts = []
+            for c in means:
+                p = mine.get((row, c.name))
+                if p is None:
+                    texts.append("")
+                elif "lo" not in p:
+                    texts.append(p.get("note", "n/a"))
+                else:
+                    star = " *" if p["excludes_zero"] else ""
+                    texts.append(f"{_signed(p['mean_diff'])} [{_signed(p['lo'])}, {_signed(p['hi'])}]{star}")
+            lines.append("| " + " | ".join([row.replace("|", "\\|"), *texts]) + " |")
+        lines.append("")
+    return lines
+
+
 def to_markdown(table: Table, confidence: float, replicates: int) -> str:
     theta0 = table.runs.theta0 or {}
     lines = [f"# {table.name}", ""]
     overrides = " ".join(table.runs.table_overrides) or "(none)"
     lines.append(f"θ₀ `{theta0.get('path')}` (hash {theta0.get('hash')}); overrides: {overrides}")
     lines.append("")
+    lines += summary_markdown(table, confidence)
     for level in LEVELS:
         header = ["row", *(c.name for c in table.columns)]
         lines += [f"## {_title(table, level)}", "", "| " + " | ".join(header) + " |"]
         lines.append("|" + "|".join(["---"] + ["---:"] * len(table.columns)) + "|")
         for row in table.rows:
-            cells = []
-            for column in table.columns:
-                cell = table.cells[level][(row, column.name)]
-                text = cell.text().replace("|", "\\|")
-                text = f"**{text}**" if cell.mark == "best" else f"{text} {TIE}" if cell.mark == "tie" else text
-                cells.append(text)
+            cells = [_marked(table.cells[level][(row, column.name)]) for column in table.columns]
             lines.append("| " + " | ".join([row.replace("|", "\\|"), *cells]) + " |")
         lines += ["", rule_text(confidence, replicates), ""]
     lines += _missing_lines(table)
