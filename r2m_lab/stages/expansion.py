@@ -46,7 +46,8 @@ from r2m_lab.stages.finetune import train_detector
 from r2m_lab.stages.merge import SELECTION_SPLIT, open_specialists
 from r2m_lab.stages.pipeline import JOINT, check_benchmark_data
 from r2m_lab.stages.rows import merger_row, reference_row, theta0_entry
-from r2m_lab.stages.scaling import UNSEEN, fmt_cell, group_means, merge_subset, plan_subsets, row_groups, stopwatch
+from r2m_lab.stages.scaling import UNSEEN, fmt_cell, group_means, merge_subset, plan_subsets, row_groups
+from r2m_lab.stages.timing import stopwatch
 from r2m_lab.weights import Checkpoint
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,6 @@ what it is; the backbone is the merged one, bit for bit, and θ₀'s hash is kep
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from r2m_lab.stages.merge import (
 from r2m_lab.stages.models import load_detector, model_input_config, resolve_device
 from r2m_lab.stages.pipeline import check_benchmark_data, plan_pipeline
 from r2m_lab.stages.rows import merger_row, specialist_row, theta0_entry
+from r2m_lab.stages.timing import stopwatch
 from r2m_lab.weights import Checkpoint, save_detector, write_card
 
 log = logging.getLogger(__name__)
@@ -234,12 +234,7 @@ def heads(cfg: DictConfig) -> dict[str, Any]:
     split = str(cfg.stage.get("select_split", SELECTION_SPLIT))
     group = output_dir(cfg).name
     timings: dict[str, float] = {}
-
-    def timed(key: str, fn, *args, **kwargs):  # noqa: ANN001, ANN202 — a local stopwatch
-        start = time.perf_counter()
-        value = fn(*args, **kwargs)
-        timings[key] = round(time.perf_counter() - start, 2)
-        return value
+    timed = stopwatch(timings)
 
     families = chosen_families(cfg, plain(cfg.stage.get("families", "all")))
     cfg = restrict_benchmark(cfg, families)

@@ -10,7 +10,6 @@ vector is compared with the specialists' in the report (``reference_rows.joint.d
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from r2m_lab.stages.merge import SELECTION_SPLIT, merge_specialists, open_specia
 from r2m_lab.stages.merger_config import merger_hparams, merger_name, validate_merger
 from r2m_lab.stages.rows import merger_row, reference_row, specialist_row, theta0_entry
 from r2m_lab.stages.screen import screen, screen_mode
+from r2m_lab.stages.timing import stopwatch
 from r2m_lab.weights import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -206,12 +206,7 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
     split = str(cfg.stage.get("select_split", SELECTION_SPLIT))
     group = output_dir(cfg).name
     timings: dict[str, float] = {}
-
-    def timed(key: str, fn, *args, **kwargs):  # noqa: ANN001, ANN202 — a local stopwatch
-        start = time.perf_counter()
-        value = fn(*args, **kwargs)
-        timings[key] = round(time.perf_counter() - start, 2)
-        return value
+    timed = stopwatch(timings)
 
     families = chosen_families(cfg, plain(cfg.stage.get("families", "all")))
     cfg = restrict_benchmark(cfg, families)  # the full benchmark unless stage.families picks some of its families

@@ -25,7 +25,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from r2m_lab.stages.merge import SELECTION_SPLIT, merge_specialists, open_specia
 from r2m_lab.stages.models import resolve_device
 from r2m_lab.stages.pipeline import PipelinePlan, check_benchmark_data, plan_pipeline
 from r2m_lab.stages.rows import merger_row, specialist_row, theta0_entry
+from r2m_lab.stages.timing import stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -186,18 +187,6 @@ def merge_subset(
             card = merge_specialists(sub, merger_cfg, reuse)
         out[label] = (card, time.perf_counter() - start)
     return out
-
-
-def stopwatch(timings: dict[str, float]) -> Callable[..., Any]:
-    """``timed(key, fn, *args)``: call ``fn`` and record its wall-clock seconds under ``key``."""
-
-    def timed(key: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        value = fn(*args, **kwargs)
-        timings[key] = round(time.perf_counter() - start, 2)
-        return value
-
-    return timed
 
 
 def _mean(values: Sequence[float]) -> float | None:
