@@ -189,7 +189,6 @@ COVERAGE: dict[str, tuple[ByTest | FailsFast | Make, ...]] = {
     "stage.output=/data/deepfakes": (ByTest("tests/test_preprocess.py::test_preprocess_then_finetune_and_evaluate"),),
     # README.md prose
     "python -m r2m_lab": (PIPELINE,),
-    "python -m r2m_lab -m seed=0,1,2": (PIPELINE, MULTIRUN),
     "make bench-merge": (Make("bin/python -m r2m_lab.bench"), ByTest("tests/test_bench.py::test_bench_merge_smoke")),
     "make lint": (Make("bin/ruff check ."),),
     "make test-fast": (Make('-m "not slow"'),),
