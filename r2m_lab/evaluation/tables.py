@@ -127,7 +127,7 @@ def to_markdown(
     return text
 
 
-_LATEX_ESCAPES = {
+LATEX_ESCAPES = {
     "\\": r"\textbackslash{}",
     "&": r"\&",
     "%": r"\%",
@@ -141,8 +141,9 @@ _LATEX_ESCAPES = {
 }
 
 
-def _latex_escape(text: str) -> str:
-    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in text)
+def latex_escape(text: str) -> str:
+    """``text`` with LaTeX's special characters escaped (a cell or header of a ``tabular``)."""
+    return "".join(LATEX_ESCAPES.get(ch, ch) for ch in text)
 
 
 def to_latex(
@@ -164,13 +165,13 @@ def to_latex(
     spec = "".join("r" if c in numeric else "l" for c in columns)
 
     def cell(i: int, col: str) -> str:
-        text = _latex_escape(_format(rows[i].get(col), floatfmt))
+        text = latex_escape(_format(rows[i].get(col), floatfmt))
         return rf"\textbf{{{text}}}" if (i, col) in bold else text
 
     lines = [
         rf"\begin{{tabular}}{{{spec}}}",
         r"\hline",
-        " & ".join(_latex_escape(c) for c in columns) + r" \\",
+        " & ".join(latex_escape(c) for c in columns) + r" \\",
         r"\hline",
         *(" & ".join(cell(i, c) for c in columns) + r" \\" for i in range(len(rows))),
         r"\hline",

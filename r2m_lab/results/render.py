@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from r2m_lab.evaluation.tables import latex_escape
 from r2m_lab.results.tables import EXTRA_METRICS, LEVELS, Table
 
 TIE = "≈"
@@ -119,24 +120,6 @@ def to_markdown(table: Table, confidence: float, replicates: int) -> str:
         lines += ["", rule_text(confidence, replicates), ""]
     lines += _missing_lines(table)
     return "\n".join(lines).rstrip() + "\n"
-
-
-_LATEX = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
-}
-
-
-def latex_escape(text: str) -> str:
-    return "".join(_LATEX.get(ch, ch) for ch in text)
 
 
 def to_latex(table: Table, confidence: float, replicates: int) -> str:
