@@ -67,34 +67,40 @@ def _curve_axes(fig: Figure, n: int) -> list[Any]:
     return [fig.add_subplot(1, n, i + 1) for i in range(n)]
 
 
-def scaling_curve(table: Table, out: Path, level: str = "frame") -> list[Path]:
-    """AUC per group vs N (= number of families merged), one line per merger; error bars: std over seeds and the
-    family subsets of that size. Then merge seconds and peak memory vs N."""
+def _group_curves(table: Table, rows: list[str], x_of: Any, xlabel: str, level: str, path: Path) -> Path:
+    """One panel per group column: each method's AUC vs ``x_of(row)``, mean with std over every value at that x
+    (seeds, and the subsets or rows sharing it)."""
     groups = [c for c in table.columns if c.kind == "group"]
-    mergers = [r for r in table.rows if table.info[r].get("kind") == "merger"]
-    if not groups or not mergers:
-        return []
     fig = Figure(figsize=(5.0 * len(groups), 4.0))
     for ax, column in zip(_curve_axes(fig, len(groups)), groups, strict=True):
         points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for row in mergers:
-            n = len(table.info[row].get("families") or [])
-            points[method_name(row, table.info[row])][n] += _per_seed_values(table, row, column, level)
-        for method, by_n in points.items():
-            ns = sorted(n for n, v in by_n.items() if v)
-            if ns:
-                means = [np.mean(by_n[n]) for n in ns]
-                stds = [np.std(by_n[n], ddof=1) if len(by_n[n]) > 1 else 0.0 for n in ns]
-                ax.errorbar(ns, means, yerr=stds, marker="o", capsize=3, label=method)
-        ax.set(xlabel="N (families merged)", ylabel=f"{level}-level AUC", title=column.name)
+        for row in rows:
+            points[method_name(row, table.info[row])][x_of(row)] += _per_seed_values(table, row, column, level)
+        for method, by_x in points.items():
+            xs = sorted(x for x, v in by_x.items() if v)
+            if xs:
+                stds = [np.std(by_x[x], ddof=1) if len(by_x[x]) > 1 else 0.0 for x in xs]
+                ax.errorbar(xs, [np.mean(by_x[x]) for x in xs], yerr=stds, marker="o", capsize=3, label=method)
+        ax.set(xlabel=xlabel, ylabel=f"{level}-level AUC", title=column.name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    paths = [_save(fig, out / f"{table.name}_scaling_{level}.png")]
+    return _save(fig, path)
+
+
+def scaling_curve(table: Table, out: Path, level: str = "frame") -> list[Path]:
+    """AUC per group vs N (= number of families merged), one line per merger; error bars: std over seeds and the
+    family subsets of that size. Then merge seconds and peak memory vs N."""
+    mergers = [r for r in table.rows if table.info[r].get("kind") == "merger"]
+    if not any(c.kind == "group" for c in table.columns) or not mergers:
+        return []
+    n_of = lambda r: len(table.info[r].get("families") or [])  # noqa: E731
+    xlabel = "N (families merged)"
+    paths = [_group_curves(table, mergers, n_of, xlabel, level, out / f"{table.name}_scaling_{level}.png")]
     paths += _cost_plot(
         table,
         mergers,
-        lambda r: len(table.info[r].get("families") or []),
-        "N (families merged)",
+        n_of,
+        xlabel,
         [("merge_seconds", "merge time (s)", 1.0), ("peak_memory_bytes", "peak memory (GiB)", 2.0**-30)],
         out / f"{table.name}_scaling_cost.png",
     )
@@ -103,31 +109,17 @@ def scaling_curve(table: Table, out: Path, level: str = "frame") -> list[Path]:
 
 def expansion_curve(table: Table, out: Path, level: str = "frame") -> list[Path]:
     """AUC per group (seen so far, unseen...) vs step, one line per method (mergers and joint); then cost per step."""
-    groups = [c for c in table.columns if c.kind == "group"]
     rows = [r for r in table.rows if table.info[r].get("step") is not None]
-    if not groups or not rows:
+    if not any(c.kind == "group" for c in table.columns) or not rows:
         return []
-    fig = Figure(figsize=(5.0 * len(groups), 4.0))
-    for ax, column in zip(_curve_axes(fig, len(groups)), groups, strict=True):
-        points: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for row in rows:
-            points[method_name(row, table.info[row])][int(table.info[row]["step"])] += _per_seed_values(
-                table, row, column, level
-            )
-        for method, by_step in points.items():
-            steps = sorted(s for s, v in by_step.items() if v)
-            if steps:
-                stds = [np.std(by_step[s], ddof=1) if len(by_step[s]) > 1 else 0.0 for s in steps]
-                ax.errorbar(steps, [np.mean(by_step[s]) for s in steps], yerr=stds, marker="o", capsize=3, label=method)
-        ax.set(xlabel="step (families seen)", ylabel=f"{level}-level AUC", title=column.name)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    paths = [_save(fig, out / f"{table.name}_expansion_{level}.png")]
+    step_of = lambda r: int(table.info[r]["step"])  # noqa: E731
+    xlabel = "step (families seen)"
+    paths = [_group_curves(table, rows, step_of, xlabel, level, out / f"{table.name}_expansion_{level}.png")]
     paths += _cost_plot(
         table,
         rows,
-        lambda r: int(table.info[r]["step"]),
-        "step (families seen)",
+        step_of,
+        xlabel,
         [("cost_seconds", "cost of the step (s)", 1.0)],
         out / f"{table.name}_expansion_cost.png",
     )
