@@ -171,7 +171,8 @@ def _median_pairwise(cosines: Tensor, members: list[int]) -> float:
     return statistics.median(pairs) if pairs else math.nan
 
 
-def _head_direction(head: Mapping[str, Tensor]) -> Tensor:
+def head_direction(head: Mapping[str, Tensor]) -> Tensor:
+    """The head's fake-minus-real weight row W[1] − W[0] (D,) float64 on the CPU: the feature direction it scores."""
     weight = head["weight"]
     if weight.ndim != 2 or weight.shape[0] != 2:
         raise ValueError(f"a real/fake head weight must have shape (2, D), got {tuple(weight.shape)}")
@@ -245,7 +246,7 @@ def screen_specialists(
         )
 
     if heads is not None:
-        directions = torch.stack([_head_direction(heads[name]) for name in names])  # (N, D)
+        directions = torch.stack([head_direction(heads[name]) for name in names])  # (N, D)
         unit = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-300)
         head_cosines = unit @ unit.T
         for i, name in enumerate(names):

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 _DPI = 150
 
 
-def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Render ``fig`` to ``path`` atomically, then drop its artists."""
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    """Render ``fig`` (a pyplot-free ``Figure``) to ``path`` atomically, then drop its artists; returns ``path``."""
     path = Path(path)
     FigureCanvasAgg(fig)
     try:
@@ -62,7 +62,7 @@ def plot_roc(curves: Mapping[str, tuple[Any, Any]], path: str | os.PathLike[str]
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_heatmap(
@@ -102,7 +102,7 @@ def plot_heatmap(
             r, g, b, _ = cmap(norm(v))
             colour = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"  # readable on the cell
             ax.text(j, i, format(v, fmt), ha="center", va="center", color=colour, fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_selection(
@@ -127,4 +127,4 @@ def plot_selection(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)

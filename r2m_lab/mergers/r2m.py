@@ -49,6 +49,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -288,32 +289,56 @@ def _pass2(
     return acc
 
 
-def _pass3(
+@dataclass
+class _Plan:
+    """Everything passes 1–2 and the norms decide, before θ* is written: what `_pass3` and `components` need."""
+
+    names: list[str]
+    center: bool
+    first: _Pass1
+    second: _Pass2
+    subspace: RealSubspace
+    scales: Tensor  # (N,) cᵢ with τ_res = Σᵢ cᵢ r̂ᵢ
+    eta: float  # η of step 7, resolved from eta_mode
+    core_norm: float
+    residual_norm: float  # ‖τ_res‖ before η
+    near_cancellation: bool
+    timings: dict[str, float]
+
+
+def _key_parts(
     theta0: StateDict,
     specialists: Mapping[str, StateDict],
     names: Sequence[str],
-    first: _Pass1,
-    second: _Pass2,
-    weights: Tensor,
-    scales: Tensor,
-    eta: float,
-    center: bool,
-) -> dict[str, Tensor]:
+    key: str,
+    plan: _Plan,
+    keep_factors: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One active key re-read: (θ₀[key], τ stack flattened (N, P), τ_coreˡ (P,), τ_resˡ before η (P,)), float64.
+
+    The stored truncation of the key is consumed (freed) unless ``keep_factors``.
+    """
     n = len(names)
-    active = set(first.active)
+    reference, taus = read_task_vectors(theta0, specialists, names, key)
+    flat = taus.reshape(n, -1)
+    core = key_core(flat, plan.subspace.weights, key in plan.first.core_keys, plan.center)
+    if key in plan.second.factors:
+        factors = plan.second.factors[key] if keep_factors else plan.second.factors.pop(key)
+        residual = combine_factors(*factors, plan.scales)
+    else:
+        residual = plan.scales.to(flat.device) @ (flat - core)
+    return reference, flat, core, residual
+
+
+def _pass3(theta0: StateDict, specialists: Mapping[str, StateDict], names: Sequence[str], plan: _Plan) -> dict:
+    active = set(plan.first.active)
     backbone = {}
     for key in theta0:
         if key not in active:  # τ ≡ 0 (or a non-floating buffer): θ₀ bit for bit
             backbone[key] = theta0[key].clone()
             continue
-        reference, taus = read_task_vectors(theta0, specialists, names, key)
-        flat = taus.reshape(n, -1)
-        core = key_core(flat, weights, key in first.core_keys, center)
-        if key in second.factors:
-            residual = combine_factors(*second.factors.pop(key), scales)
-        else:
-            residual = scales.to(flat.device) @ (flat - core)
-        backbone[key] = apply_delta(reference, core + eta * residual)
+        reference, _, core, residual = _key_parts(theta0, specialists, names, key, plan)
+        backbone[key] = apply_delta(reference, core + plan.eta * residual)
     return backbone
 
 
@@ -372,13 +397,13 @@ class R2M(Knobs):
         return merge(theta0, specialists, heads, self)
 
 
-def merge(
+def _decompose(
     theta0: StateDict,
     specialists: Mapping[str, StateDict],
-    heads: Mapping[str, Mapping[str, Tensor]],
+    heads: Mapping[str, Mapping[str, Tensor]] | None,
     knobs: R2M,
-) -> MergeResult:
-    """R²M with checked ``knobs`` (`R2M`): θ₀ + τ_core + η·τ_res (module docstring); three streaming passes."""
+) -> _Plan:
+    """Checks, passes 1–2 and the global norms (steps 1–7 up to η): everything but writing θ* (`merge`)."""
     k, center, block_weight, rank_ratio, svd = knobs.k, knobs.center, knobs.block_weight, knobs.rank_ratio, knobs.svd
     eta_mode, eta, alpha = knobs.eta_mode, knobs.eta, knobs.alpha
     norm_matching, truncation = knobs.norm_matching, knobs.truncation
@@ -386,10 +411,11 @@ def merge(
     if k > len(names):
         raise ValueError(f"k={k} exceeds the number of specialists N={len(names)} ({', '.join(names)})")
     check_keys(theta0, specialists)
-    check_heads(heads, names)
+    if heads is not None:
+        check_heads(heads, names)
 
     timings: dict[str, float] = {}
-    start = lap = time.perf_counter()
+    lap = time.perf_counter()
 
     def tick(phase: str) -> None:
         nonlocal lap
@@ -432,11 +458,17 @@ def merge(
             eta_used,
         )
     tick("norms")
-    backbone = _pass3(theta0, specialists, names, first, second, subspace.weights, scales, eta_used, center)
-    tick("pass3_combine")
-    timings["total"] = time.perf_counter() - start
+    return _Plan(
+        names, center, first, second, subspace, scales, eta_used, core_norm, residual_norm, near_cancellation, timings
+    )
 
+
+def _diagnostics(plan: _Plan, knobs: R2M, n_keys: int) -> dict[str, Any]:
+    """The merge card's facts about one R²M merge (JSON-serialisable)."""
+    names, first, second, subspace = plan.names, plan.first, plan.second, plan.subspace
     n = len(names)
+    task_norms = first.task_gram.diagonal().clamp_min(0).sqrt()
+    residual_norms = second.residual_gram.diagonal().clamp_min(0).sqrt()
     u = subspace.eigenvectors[:, : subspace.rank]
     captured = (u.square() * subspace.eigenvalues[: subspace.rank]).sum(1)  # Σ_{j≤k} λⱼ uⱼᵢ² = ‖Pₖ rowᵢ‖²_γ
     row_energy = first.gram.diagonal()
@@ -445,20 +477,20 @@ def merge(
     def by_family(values: Tensor) -> dict[str, float]:
         return dict(zip(names, values.tolist(), strict=True))
 
-    diagnostics = {
+    return {
         "merger": "r2m",
         "families": names,
         "hyperparameters": {
-            "k": k,
-            "center": center,
-            "block_weight": block_weight,
-            "rank_ratio": float(rank_ratio),
-            "svd": svd,
-            "eta_mode": eta_mode,
-            "eta": float(eta),
-            "alpha": float(alpha),
-            "norm_matching": norm_matching,
-            "truncation": truncation,
+            "k": knobs.k,
+            "center": knobs.center,
+            "block_weight": knobs.block_weight,
+            "rank_ratio": float(knobs.rank_ratio),
+            "svd": knobs.svd,
+            "eta_mode": knobs.eta_mode,
+            "eta": float(knobs.eta),
+            "alpha": float(knobs.alpha),
+            "norm_matching": knobs.norm_matching,
+            "truncation": knobs.truncation,
         },
         "spectrum": subspace.eigenvalues.tolist(),  # eigenvalues of G, descending
         "core_rank": subspace.rank,
@@ -471,18 +503,98 @@ def merge(
         ),
         "task_vector_norms": by_family(task_norms),
         "task_vector_cosines": cosines_from_gram(first.task_gram),
-        "core_norm": core_norm,
+        "core_norm": plan.core_norm,
         "residual_norms_before": by_family(second.norm_sq_before.clamp_min(0).sqrt()),
         "residual_norms_after": by_family(residual_norms),
-        "residual_scales": by_family(scales * n),  # m/nᵢ (1 without norm matching), 0 for a zero residual
-        "residual_norm": residual_norm,  # ‖τ_res‖ before η
-        "eta": eta_used,
-        "near_cancellation": near_cancellation,  # eta_mode=relative with ‖τ_res‖ < NEAR_CANCELLATION·‖τ_core‖
+        "residual_scales": by_family(plan.scales * n),  # m/nᵢ (1 without norm matching), 0 for a zero residual
+        "residual_norm": plan.residual_norm,  # ‖τ_res‖ before η
+        "eta": plan.eta,
+        "near_cancellation": plan.near_cancellation,  # eta_mode=relative with ‖τ_res‖ < NEAR_CANCELLATION·‖τ_core‖
         "kept_rank": dict(second.kept_rank),
-        "n_keys": len(backbone),
+        "n_keys": n_keys,
         "n_active_keys": len(first.active),
         "n_core_keys": len(first.core_keys),
         "n_matrix_keys": len(second.kept_rank),  # matrix keys that went through step 5
-        "timings_s": timings,
+        "timings_s": dict(plan.timings),
     }
-    return MergeResult(backbone=backbone, head=average_heads(heads), diagnostics=diagnostics)
+
+
+def merge(
+    theta0: StateDict,
+    specialists: Mapping[str, StateDict],
+    heads: Mapping[str, Mapping[str, Tensor]],
+    knobs: R2M,
+) -> MergeResult:
+    """R²M with checked ``knobs`` (`R2M`): θ₀ + τ_core + η·τ_res (module docstring); three streaming passes."""
+    start = time.perf_counter()
+    plan = _decompose(theta0, specialists, heads, knobs)
+    lap = time.perf_counter()
+    backbone = _pass3(theta0, specialists, plan.names, plan)
+    plan.timings["pass3_combine"] = time.perf_counter() - lap
+    plan.timings["total"] = time.perf_counter() - start
+    return MergeResult(
+        backbone=backbone, head=average_heads(heads), diagnostics=_diagnostics(plan, knobs, len(backbone))
+    )
+
+
+# -------------------------------------------------------------------------------------------- components (analysis)
+
+
+@dataclass
+class Components:
+    """R²M's parts for analysis (`components`): θ* = θ₀ + core + eta·residual on the active keys, θ₀ elsewhere.
+
+    core, residual: τ_core and τ_res (before η) per active floating key, float64, θ₀'s shapes, on θ₀'s device; the
+    keys whose τ is zero in every specialist (and non-floating buffers) are absent. eta: the η the knobs resolve
+    to. spectra: for every matrix key, the singular values of each specialist's residual rᵢ = τᵢ − τ_core before
+    and after the rank truncation, (N, B, min(m, n)) float64 each (B = 3 for a fused qkv), descending; empty unless
+    asked for. diagnostics: the merge card's facts (`merge` reports the same ones).
+    """
+
+    names: list[str]
+    core: dict[str, Tensor]
+    residual: dict[str, Tensor]
+    eta: float
+    spectra: dict[str, tuple[Tensor, Tensor]]
+    diagnostics: dict[str, Any]
+
+    def backbone(self, theta0: StateDict, eta: float | None = None) -> dict[str, Tensor]:
+        """θ₀ + τ_core + η·τ_res with θ₀'s keys and dtypes (η = the knobs' own by default); with the knobs' η this
+        is `merge`'s backbone bit for bit."""
+        eta = self.eta if eta is None else float(eta)
+        return {
+            key: apply_delta(theta0[key], self.core[key] + eta * self.residual[key])
+            if key in self.core
+            else theta0[key].clone()
+            for key in theta0
+        }
+
+
+def components(
+    theta0: StateDict, specialists: Mapping[str, StateDict], knobs: R2M, spectra: bool = False
+) -> Components:
+    """R²M's intermediate results, the same computation as `merge` up to its last sum: τ_core and τ_res per key.
+
+    Holds two float64 backbones (core and residual), unlike `merge`, which streams them into θ*. With ``spectra``
+    the residual singular values before and after truncation are computed per matrix key (one float64 SVD of each
+    rᵢ block and of each r̂ᵢ block: slow on a ViT-L on a CPU, seconds on a GPU).
+    """
+    plan = _decompose(theta0, specialists, None, knobs)
+    names, n = plan.names, len(plan.names)
+    core, residual, singular = {}, {}, {}
+    for key in plan.first.active:
+        factors = plan.second.factors.get(key)
+        reference, flat, key_core_flat, key_residual = _key_parts(theta0, specialists, names, key, plan, True)
+        core[key] = key_core_flat.reshape(reference.shape)
+        residual[key] = key_residual.reshape(reference.shape)
+        if spectra and is_matrix_key(key) and reference.ndim == 2:
+            before = torch.linalg.svdvals(matrix_blocks(key, (flat - key_core_flat).reshape(n, *reference.shape)))
+            if factors is None:  # ρ = 1 or truncation off: r̂ᵢ = rᵢ
+                after = before
+            else:
+                us, vh = factors
+                truncated = us if vh is None else us @ vh  # (N, B, m, n)
+                after = torch.linalg.svdvals(truncated.to(torch.float64))
+            singular[key] = (before.cpu(), after.cpu())
+        plan.second.factors.pop(key, None)
+    return Components(names, core, residual, plan.eta, singular, _diagnostics(plan, knobs, len(theta0)))
