@@ -7,6 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from r2m_lab.stages.analyze import analyze
 from r2m_lab.stages.evaluate import evaluate
 from r2m_lab.stages.expansion import expansion
 from r2m_lab.stages.finetune import finetune
@@ -31,6 +32,7 @@ STAGES: dict[str, Callable[[DictConfig], dict[str, Any]]] = {
     "expansion": expansion,
     "heads": heads,
     "tables": tables,
+    "analyze": analyze,
 }
 
 
