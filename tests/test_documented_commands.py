@@ -95,6 +95,8 @@ COVERAGE: dict[str, tuple[ByTest | FailsFast | Make, ...]] = {
     "'stage.reference_rows=[ensemble]'": (
         ByTest("tests/test_config.py::test_pipeline_overrides_select_and_reference_rows"),
     ),
+    # README.md: analysis
+    "python -m r2m_lab stage=analyze": (ByTest("tests/test_analysis.py::test_analyze_smoke_cli"),),
     # README.md: predicting on a video
     "python -m r2m_lab stage=predict stage.input=suspect.mp4 stage.model=specialist:synthetic_swap": (
         ByTest("tests/test_predict.py::test_video_scores_per_frame_and_per_video_at_the_stored_threshold"),
