@@ -30,7 +30,12 @@ from r2m_lab.stages.artifacts import (
 )
 from r2m_lab.stages.base_model import ensure_base, seed_all
 from r2m_lab.stages.config_nodes import fingerprint, plain
-from r2m_lab.stages.devices import distributed_record, loader_options, require_single_fit_stage
+from r2m_lab.stages.devices import (
+    distributed_record,
+    loader_options,
+    require_accelerator,
+    require_single_fit_stage,
+)
 from r2m_lab.stages.loggers import build_logger, close_logger
 from r2m_lab.stages.models import load_detector, model_input_config
 from r2m_lab.weights import Checkpoint, provenance, save_detector, write_card
@@ -133,6 +138,7 @@ def train_detector(
 
     With ``reuse`` an existing artifact whose card has the same training fingerprint is returned instead.
     """
+    require_accelerator(cfg.trainer.accelerator)  # a GPU preset without a GPU: refused before anything else
     source = instantiate(data_cfg)
     # Read the data before building θ₀: a missing dataset should fail in a second, not after a pretext run.
     train_frames, val_frames = source.frames("train"), source.frames("val")
