@@ -45,21 +45,23 @@ def run_cli(*args: str, root: Path, timeout: int = 300) -> subprocess.CompletedP
 
 
 def drawn_frames(log_file: Path) -> dict[int, list[list[int]]]:
-    """{rank: [frame indices of each training step]} from a run's debug log lines."""
+    """{rank: [frame indices of each training step]} from a run's debug log lines (the fine-tune's, not θ₀'s)."""
     out: dict[int, list[list[int]]] = {}
-    for rank, _, frames in DRAWN.findall(log_file.read_text()):
+    text = log_file.read_text()
+    for rank, _, frames in DRAWN.findall(text[text.index("Fine-tuning specialist") :]):
         out.setdefault(int(rank), []).append([int(f) for f in frames.split(",") if f.strip()])
     return out
 
 
 @pytest.mark.slow
 def test_ddp_on_cpu_trains_a_specialist_on_two_processes(tmp_path):
+    cfg = compose_config(tmp_path, CPU_DDP)
+    ensure_base(cfg)  # θ₀ in this process (one process makes it, the CLI's ranks read it), to keep the test short
     proc = run_cli("stage=finetune", "debug=smoke", *CPU_DDP, "hydra.verbose=r2m_lab.detector", root=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = list((tmp_path / "outputs").glob("*/*"))
     assert len(runs) == 1, runs  # the second process wrote into the first one's Hydra run folder
     run = runs[0]
-    cfg = compose_config(tmp_path, CPU_DDP)
     recipe = cfg.backbone.recipe
 
     # the card records how it was trained; the recipe's batch is the global batch, split over the two ranks
