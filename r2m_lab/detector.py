@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import inspect
+import logging
+from collections.abc import Callable, Mapping
 
 import lightning as L
 import numpy as np
@@ -12,14 +14,21 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from tqdm.auto import tqdm
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+log = logging.getLogger(__name__)
 
 
 class Detector(L.LightningModule):
     """Backbone features (B, D) → head logits (B, 2); P(fake) = softmax(logits)[:, 1].
 
     ``optimizer`` is a partial from config (``_partial_: true``) finished here with the parameters; every parameter
-    (backbone and head) is trained, as in the paper's full fine-tuning.
+    (backbone and head) is trained, as in the paper's full fine-tuning. ``optimizer_options`` are extra keyword
+    arguments for it (the GPU preset's ``fused=True``) and ``channels_last`` puts inputs in NHWC; both are set by
+    :class:`r2m_lab.stages.devices.Speedups`.
+
+    Under DDP each rank sees its shard of the data: validation metrics are reduced across ranks (the loss with
+    ``sync_dist``; AUROC and accuracy are torchmetrics objects, whose states are gathered before they are computed).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Linear, optimizer: OptimizerFactory | None = None) -> None:
@@ -27,14 +36,20 @@ class Detector(L.LightningModule):
         self.backbone = backbone
         self.head = head
         self.optimizer_factory = optimizer
+        self.optimizer_options: dict[str, object] = {}
+        self.channels_last = False
         self.val_auc = BinaryAUROC()
         self.val_acc = BinaryAccuracy()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.backbone(x))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y, _ = batch
+        x, y, idx = batch
+        if log.isEnabledFor(logging.DEBUG):  # which frames this rank drew (hydra.verbose=r2m_lab.detector shows it)
+            log.debug("rank %d step %d frames %s", self.global_rank, self.global_step, idx.tolist())
         logits = self(x)
         loss = nn.functional.cross_entropy(logits, y)
         acc = (logits.argmax(1) == y).float().mean()
@@ -47,17 +62,26 @@ class Detector(L.LightningModule):
         prob = logits.softmax(1)[:, 1]
         self.val_auc.update(prob, y)
         self.val_acc.update(prob, y)
-        self.log("val/loss", nn.functional.cross_entropy(logits, y), batch_size=len(y))
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict({"val/auc": self.val_auc.compute(), "val/acc": self.val_acc.compute()}, prog_bar=True)
-        self.val_auc.reset()
-        self.val_acc.reset()
+        # The epoch's mean loss of each rank, averaged over ranks (equal shards: the mean over the whole split).
+        self.log("val/loss", nn.functional.cross_entropy(logits, y), batch_size=len(y), sync_dist=True)
+        # Metric objects: Lightning computes them at the epoch's end (states gathered from every rank) and resets.
+        self.log_dict({"val/auc": self.val_auc, "val/acc": self.val_acc}, prog_bar=True, batch_size=len(y))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is None:
             raise ValueError("Detector was built without an optimizer; pass the recipe's optimizer partial")
-        return self.optimizer_factory(self.parameters())
+        if self.optimizer_options:
+            optimizer = getattr(self.optimizer_factory, "func", self.optimizer_factory)
+            accepted = inspect.signature(optimizer).parameters
+            unknown = sorted(k for k in self.optimizer_options if k not in accepted)
+            if unknown:
+                name = getattr(optimizer, "__qualname__", repr(optimizer))
+                raise TypeError(
+                    f"The recipe's optimizer {name} takes no {', '.join(unknown)} argument, which the trainer preset "
+                    f"asks for (trainer.fused_optimizer=true): set trainer.fused_optimizer=false, or use "
+                    "torch.optim.Adam / AdamW / SGD in backbone.recipe.optimizer."
+                )
+        return self.optimizer_factory(self.parameters(), **self.optimizer_options)
 
     def load_weights(self, backbone: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tensor]) -> None:
         """Load a backbone/head state; strict, so a checkpoint of another architecture is refused with its keys."""

@@ -145,6 +145,8 @@ COVERAGE: dict[str, tuple[ByTest | FailsFast | Make, ...]] = {
         AUGMENT,
     ),
     "python -m r2m_lab stage=finetune backbone=clip_vit_b16 backbone.recipe.augment.blur=null": (AUGMENT,),
+    "python -m r2m_lab stage=finetune data=synthetic_swap trainer=ddp trainer.accelerator=cpu trainer.devices=2 "
+    "trainer.precision=32-true": (ByTest("tests/test_ddp.py::test_ddp_on_cpu_trains_a_specialist_on_two_processes"),),
     # README.md: preprocessing, on the small video trees of tests/test_preprocess.py
     "python -m r2m_lab stage=preprocess layout=ffpp stage.input=/raw/FaceForensics++ "
     "layout.split_dir=/raw/ffpp_splits": (

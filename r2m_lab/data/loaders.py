@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -62,13 +63,14 @@ def build_augment(spec: Mapping[str, Any] | None) -> list[A.BasicTransform]:
     return transforms
 
 
-def seed_worker_transform(worker_id: int) -> None:
+def seed_worker_transform(worker_id: int, rank: int = 0) -> None:
     """DataLoader ``worker_init_fn``: give each worker's transform its own stream (torch's per-worker seed).
 
-    Without it every worker would inherit the same albumentations state and repeat the same augmentations.
+    Without it every worker would inherit the same albumentations state and repeat the same augmentations. Under DDP
+    every rank derives the same per-worker seeds, so ``rank`` shifts them (by more than any worker count).
     """
     info = torch.utils.data.get_worker_info()
-    info.dataset.transform.set_random_seed(info.seed % 2**32)
+    info.dataset.transform.set_random_seed((info.seed + rank * 2**16) % 2**32)
 
 
 class FrameDataset(Dataset):
@@ -116,7 +118,11 @@ def require_both_classes(frames: FrameSet, role: str) -> None:
 class DetectionDataModule(L.LightningDataModule):
     """Train on one FrameSet (class-balanced batches or plain random draws), validate on another.
 
-    Both must hold real and fake frames (:func:`require_both_classes`), whatever ``balanced`` is.
+    Both must hold real and fake frames (:func:`require_both_classes`), whatever ``balanced`` is. ``batch_size`` is
+    the global batch: on a trainer of world size W each rank's loader draws ``batch_size / W`` frames per step from
+    its shard of the sampler's ``num_samples`` draws (Lightning wraps the sampler in a DistributedSamplerWrapper), so
+    a DDP run takes as many steps as one device. ``pin_memory`` and ``persistent_workers`` come from the trainer
+    preset (:func:`r2m_lab.stages.devices.loader_options`).
     """
 
     def __init__(
@@ -130,6 +136,8 @@ class DetectionDataModule(L.LightningDataModule):
         balanced: bool = True,
         num_workers: int = 0,
         seed: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
     ) -> None:
         super().__init__()
         require_both_classes(train, "training")
@@ -141,9 +149,24 @@ class DetectionDataModule(L.LightningDataModule):
         self.balanced = balanced
         self.num_workers = num_workers
         self.seed = seed
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+
+    def _world(self) -> tuple[int, int]:
+        """(world size, global rank) of the trainer this module is attached to ((1, 0) without one)."""
+        trainer = self.trainer
+        return (int(trainer.world_size), int(trainer.global_rank)) if trainer is not None else (1, 0)
 
     def train_dataloader(self) -> DataLoader:
         labels = self.train_set.frames.labels
+        world, rank = self._world()
+        if self.batch_size % world:
+            raise ValueError(
+                f"backbone.recipe.batch_size={self.batch_size} is the global batch and must split evenly over the "
+                f"{world} processes of this trainer (trainer.devices × trainer.num_nodes)"
+            )
+        if world > 1 and self.num_workers == 0:  # ranks would otherwise repeat one another's augmentations
+            self.train_set.transform.set_random_seed(self.seed + rank)
         if self.balanced:
             sampler = balanced_sampler(labels, self.num_samples, self.seed)
         else:
@@ -151,17 +174,31 @@ class DetectionDataModule(L.LightningDataModule):
             sampler = torch.utils.data.RandomSampler(self.train_set, True, self.num_samples, generator=gen)
         return DataLoader(
             self.train_set,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size // world,
             sampler=sampler,
             num_workers=self.num_workers,
             drop_last=True,
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=seed_worker_transform if self.num_workers > 0 else None,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            worker_init_fn=functools.partial(seed_worker_transform, rank=rank) if self.num_workers > 0 else None,
         )
 
     def val_dataloader(self) -> DataLoader:
-        return eval_loader(self.val_set, self.batch_size, self.num_workers)
+        return eval_loader(self.val_set, self.batch_size, self.num_workers, self.pin_memory, self.persistent_workers)
 
 
-def eval_loader(dataset: FrameDataset, batch_size: int, num_workers: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+def eval_loader(
+    dataset: FrameDataset,
+    batch_size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+    )

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from r2m_lab.backbones import create_backbone, input_config, make_head
 from r2m_lab.stages.artifacts import base_path, base_recipe, command, specialist_names
 from r2m_lab.stages.config_nodes import plain
+from r2m_lab.stages.devices import launch_rank_is_zero, require_accelerator, wait_for_file
 from r2m_lab.weights import Checkpoint, save_detector, state_dict_hash, write_card
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """The trainer settings that also apply to the pretext run."""
     t = cfg.trainer
+    require_accelerator(t.accelerator)  # a GPU preset without a GPU: refused before the pretext trains
     return {
         "accelerator": t.accelerator,
         "devices": 1,
@@ -35,6 +37,8 @@ def ensure_base(cfg: DictConfig) -> Path:
     path = base_path(cfg)
     if path.is_file():
         return path
+    if not launch_rank_is_zero():  # every rank was started at once (torchrun, srun): rank 0 alone creates θ₀
+        return wait_for_file(path, "θ₀")
     bcfg = plain(cfg.backbone)
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
     if bcfg["weights"].get("hub") and offline:

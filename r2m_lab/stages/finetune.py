@@ -30,6 +30,12 @@ from r2m_lab.stages.artifacts import (
 )
 from r2m_lab.stages.base_model import ensure_base, seed_all
 from r2m_lab.stages.config_nodes import fingerprint, plain
+from r2m_lab.stages.devices import (
+    distributed_record,
+    loader_options,
+    require_accelerator,
+    require_single_fit_stage,
+)
 from r2m_lab.stages.loggers import build_logger, close_logger
 from r2m_lab.stages.models import load_detector, model_input_config
 from r2m_lab.weights import Checkpoint, provenance, save_detector, write_card
@@ -43,7 +49,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     kind = "joint" if joint is not None and joint.name == cfg.data.name else "specialist"
     # The same fingerprint is reused (say so); overwrite=true retrains it, or replaces a different one.
     card = train_detector(cfg, cfg.data, kind=kind, reuse=not cfg.get("overwrite", False))
-    write_json_atomic(output_dir(cfg) / "metrics.json", card)
+    if card:  # empty on the ranks other than 0 of a DDP run: rank 0 writes
+        write_json_atomic(output_dir(cfg) / "metrics.json", card)
     return card
 
 
@@ -131,6 +138,7 @@ def train_detector(
 
     With ``reuse`` an existing artifact whose card has the same training fingerprint is returned instead.
     """
+    require_accelerator(cfg.trainer.accelerator)  # a GPU preset without a GPU: refused before anything else
     source = instantiate(data_cfg)
     # Read the data before building θ₀: a missing dataset should fail in a second, not after a pretext run.
     train_frames, val_frames = source.frames("train"), source.frames("val")
@@ -168,6 +176,7 @@ def train_detector(
         balanced=bool(recipe.balanced),
         num_workers=int(recipe.num_workers),
         seed=int(cfg.seed),
+        **loader_options(cfg.trainer),
     )
     logger = build_logger(cfg, name=f"{kind}-{data_cfg.name}", group=group)
     trainer = instantiate(
@@ -177,6 +186,11 @@ def train_detector(
         logger=logger if logger is not None else False,
         default_root_dir=str(output_dir(cfg)),
     )
+    try:
+        require_single_fit_stage(str(cfg.stage.name), trainer)  # before launching anything: refusals cost nothing
+    except RuntimeError:
+        close_logger(logger)
+        raise
     log.info(
         "Fine-tuning %s on %s: %d train frames (%d fake), %d val frames, %s steps",
         kind,
@@ -217,6 +231,7 @@ def train_detector(
             "recipe": plain(recipe),
             "seed": int(cfg.seed),
             "max_steps": max_steps,
+            "distributed": distributed_record(trainer, batch_size),  # world size, strategy, devices, batch split
             "train_frames": len(train_frames),
             "train_seconds": round(train_seconds, 2),
             "threshold": threshold,
