@@ -95,6 +95,11 @@ COVERAGE: dict[str, tuple[ByTest | FailsFast | Make, ...]] = {
     "'stage.reference_rows=[ensemble]'": (
         ByTest("tests/test_config.py::test_pipeline_overrides_select_and_reference_rows"),
     ),
+    # README.md: resuming a killed fine-tune (literally: nothing to continue in a fresh root, so it stops at once)
+    "python -m r2m_lab stage=finetune data=synthetic_swap resume=true": (
+        FailsFast("resume=true, but there is no training checkpoint at"),
+        ByTest("tests/test_resume.py::test_killed_finetune_resumes_to_the_uninterrupted_weights"),
+    ),
     # README.md: predicting on a video
     "python -m r2m_lab stage=predict stage.input=suspect.mp4 stage.model=specialist:synthetic_swap": (
         ByTest("tests/test_predict.py::test_video_scores_per_frame_and_per_video_at_the_stored_threshold"),

@@ -142,13 +142,13 @@ def train_detector(
     checkpoints are written beside the artifact at the ``checkpoint`` config's interval and continued from per
     ``resume`` (see :mod:`r2m_lab.training_state`).
     """
-    source = instantiate(data_cfg)
-    # Read the data before building θ₀: a missing dataset should fail in a second, not after a pretext run.
-    train_frames, val_frames = source.frames("train"), source.frames("val")
     path = specialist_path(cfg, data_cfg.name)
     ckpt_path, mode = checkpoint_path(path), resume_mode(cfg)
     if not (reuse and path.is_file()):
-        refuse_missing(ckpt_path, mode)  # before θ₀ too: resume=true with nothing to continue builds nothing
+        refuse_missing(ckpt_path, mode)  # first: resume=true with nothing to continue reads and builds nothing
+    source = instantiate(data_cfg)
+    # Read the data before building θ₀: a missing dataset should fail in a second, not after a pretext run.
+    train_frames, val_frames = source.frames("train"), source.frames("val")
     base = Checkpoint(ensure_base(cfg))
     record = training_record(cfg, data_cfg, base.base_hash)
     fp = fingerprint(record)
