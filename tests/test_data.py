@@ -33,7 +33,7 @@ def test_subset_and_concat_keep_alignment():
 
 def test_balanced_sampler_draws_both_classes_equally():
     labels = np.array([0] * 90 + [1] * 10)
-    draws = np.array(list(balanced_sampler(labels, 4000, seed=0)))
+    draws = np.array([frame for _, frame in balanced_sampler(labels, 4000, seed=0)])
     assert abs(labels[draws].mean() - 0.5) < 0.05
     with pytest.raises(ValueError, match="0 fake"):
         balanced_sampler(np.zeros(5, dtype=int), 10, 0)
@@ -92,11 +92,11 @@ def test_deepfakebench_reader_refuses_unknown_labels_and_missing_index(tmp_path)
         missing.frames("test")
 
 
-def test_dataloader_workers_draw_different_augmentations():
+def test_draws_of_one_frame_get_different_augmentations_whichever_worker_loads_them():
     import albumentations as A
     import torch
 
-    from r2m_lab.data.loaders import FrameDataset, build_transform, seed_worker_transform
+    from r2m_lab.data.loaders import DrawSampler, FrameDataset, build_transform
 
     # 16 copies of one image; horizontal flips are the only randomness, so each output reveals one coin toss.
     image = np.tile(np.arange(8, dtype=np.uint8)[None, :, None], (8, 1, 3))
@@ -105,10 +105,16 @@ def test_dataloader_workers_draw_different_augmentations():
     )
     inputs = {"input_size": 8, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
     dataset = FrameDataset(frames, build_transform(inputs, [A.HorizontalFlip(p=0.5)], seed=3))
-    torch.manual_seed(0)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2, worker_init_fn=seed_worker_transform)
-    flips = [(x[:, 0, 0, 0] > x[:, 0, 0, -1]).tolist() for x, _, _ in loader]  # one batch per worker
-    assert flips[0] != flips[1], "both workers drew the same flips"
+    sampler = DrawSampler(None, 16, 16, seed=0)
+
+    def flips(workers: int) -> list[bool]:
+        sampler.set_epoch(0)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=sampler, num_workers=workers)
+        return [f for x, _, _ in loader for f in (x[:, 0, 0, 0] > x[:, 0, 0, -1]).tolist()]
+
+    one = flips(0)
+    assert 0 < sum(one) < len(one), "every draw got the same flip"
+    assert flips(2) == one, "two workers (one batch each) drew other augmentations than one process"
 
 
 def test_synthetic_source_splits_follow_the_generator(tmp_path):
@@ -302,7 +308,7 @@ def test_balanced_sampler_on_real_data_frames(tmp_path):
     train = source(tmp_path, exclude_labels=[]).frames("train")
     keep = np.array([i for i, v in enumerate(train.video_ids) if v != "FF-DF/FF-real/train001"])
     train = train.subset(keep)
-    draws = np.array(list(balanced_sampler(train.labels, 4000, seed=0)))
+    draws = np.array([frame for _, frame in balanced_sampler(train.labels, 4000, seed=0)])
     assert train.labels.mean() == pytest.approx(2 / 3) and abs(train.labels[draws].mean() - 0.5) < 0.05
 
 

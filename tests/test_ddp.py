@@ -79,7 +79,8 @@ def test_ddp_on_cpu_trains_a_specialist_on_two_processes(tmp_path):
         assert len(drawn[rank]) == recipe.max_steps, rank
         assert all(len(batch) == recipe.batch_size // 2 for batch in drawn[rank])
     train = instantiate(cfg.data).frames("train")
-    draws = list(balanced_sampler(train.labels, recipe.max_steps * recipe.batch_size, int(cfg.seed)))
+    # the sampler yields (augmentation seed, frame index) draws; the ranks log frame indices
+    draws = [frame for _, frame in balanced_sampler(train.labels, recipe.max_steps * recipe.batch_size, int(cfg.seed))]
     shards = [sum(drawn[rank], []) for rank in (0, 1)]
     assert Counter(shards[0]) + Counter(shards[1]) == Counter(draws)  # together: every draw, each exactly once
 

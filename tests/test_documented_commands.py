@@ -97,6 +97,11 @@ COVERAGE: dict[str, tuple[ByTest | FailsFast | Make, ...]] = {
     ),
     # README.md: analysis
     "python -m r2m_lab stage=analyze": (ByTest("tests/test_analysis.py::test_analyze_smoke_cli"),),
+    # README.md: resuming a killed fine-tune (literally: nothing to continue in a fresh root, so it stops at once)
+    "python -m r2m_lab stage=finetune data=synthetic_swap resume=true": (
+        FailsFast("resume=true, but there is no training checkpoint at"),
+        ByTest("tests/test_resume.py::test_killed_finetune_resumes_to_the_uninterrupted_weights"),
+    ),
     # README.md: predicting on a video
     "python -m r2m_lab stage=predict stage.input=suspect.mp4 stage.model=specialist:synthetic_swap": (
         ByTest("tests/test_predict.py::test_video_scores_per_frame_and_per_video_at_the_stored_threshold"),

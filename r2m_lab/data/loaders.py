@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import albumentations as A
@@ -11,7 +11,7 @@ import lightning as L
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from r2m_lab.data.sources import FrameSet
 
@@ -19,8 +19,8 @@ from r2m_lab.data.sources import FrameSet
 def build_transform(input_cfg: Mapping[str, Any], augment: Sequence[A.BasicTransform] = (), seed: int = 0) -> A.Compose:
     """Augmentations (training only), then resize to the backbone's input and normalise as the backbone expects.
 
-    albumentations draws from its own generator, not numpy's or torch's, so ``seed`` is what makes a training run
-    repeatable; DataLoader workers re-seed their copy (:func:`seed_worker_transform`).
+    albumentations draws from its own generator, not numpy's or torch's, so ``seed`` is what makes a run repeatable;
+    a fine-tune re-seeds it for every draw (:class:`FrameDataset`, :class:`DrawSampler`).
     """
     size = int(input_cfg["input_size"])
     return A.Compose(
@@ -63,18 +63,13 @@ def build_augment(spec: Mapping[str, Any] | None) -> list[A.BasicTransform]:
     return transforms
 
 
-def seed_worker_transform(worker_id: int, rank: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: give each worker's transform its own stream (torch's per-worker seed).
-
-    Without it every worker would inherit the same albumentations state and repeat the same augmentations. Under DDP
-    every rank derives the same per-worker seeds, so ``rank`` shifts them (by more than any worker count).
-    """
-    info = torch.utils.data.get_worker_info()
-    info.dataset.transform.set_random_seed((info.seed + rank * 2**16) % 2**32)
-
-
 class FrameDataset(Dataset):
-    """(image tensor (3, S, S), label, frame index) per frame."""
+    """(image tensor (3, S, S), label, frame index) per frame.
+
+    A key is a frame index, or a training draw ``(augmentation seed, frame index)`` from :class:`DrawSampler`: the
+    transform is then re-seeded for that draw, so a draw's augmentation is a pure function of its seed, whichever
+    worker loads it and whether or not the run was resumed mid-epoch.
+    """
 
     def __init__(self, frames: FrameSet, transform: A.Compose) -> None:
         self.frames = frames
@@ -83,20 +78,128 @@ class FrameDataset(Dataset):
     def __len__(self) -> int:
         return len(self.frames)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        if isinstance(key, tuple):
+            seed, i = key
+            self.transform.set_random_seed(seed)
+        else:
+            i = key
         image = self.transform(image=self.frames.image(i))["image"]
         return image, int(self.frames.labels[i]), i
 
 
-def balanced_sampler(labels: np.ndarray, num_samples: int, seed: int) -> WeightedRandomSampler:
+class DrawSampler(Sampler[tuple[int, int]]):
+    """``num_samples`` draws per epoch with replacement: frames by ``weights`` (uniform when None), each with its own
+    augmentation seed; yields ``(augmentation seed, frame index)``.
+
+    An epoch's draws are a pure function of ``(seed, epoch)``, so a resumed run draws what an uninterrupted one would
+    have. Lightning calls :meth:`set_epoch` before each epoch; a sampler iterated without it (wrapped by Lightning's
+    ``DistributedSamplerWrapper`` under DDP) moves to the next epoch by itself after each pass.
+    """
+
+    def __init__(self, weights: torch.Tensor | None, n_frames: int, num_samples: int, seed: int) -> None:
+        self.weights = weights
+        self.n_frames = n_frames
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0  # the epoch the next pass draws
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def draws(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frame indices (num_samples,), augmentation seeds (num_samples,)) of ``epoch``."""
+        # Epoch 0 uses the seed itself: its frame order is what torch's WeightedRandomSampler drew with this seed.
+        gen = torch.Generator().manual_seed(self.seed + _EPOCH_STRIDE * epoch)
+        if self.weights is None:
+            frames = torch.randint(self.n_frames, (self.num_samples,), generator=gen)
+        else:
+            frames = torch.multinomial(self.weights, self.num_samples, True, generator=gen)
+        return frames, torch.randint(2**31, (self.num_samples,), generator=gen)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        frames, seeds = self.draws(epoch)
+        return zip(seeds.tolist(), frames.tolist(), strict=True)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+_EPOCH_STRIDE = 1_000_003  # a prime: epochs of nearby seeds do not share a generator seed
+
+
+def balanced_sampler(labels: np.ndarray, num_samples: int, seed: int) -> DrawSampler:
     """Draw real and fake frames with equal probability (with replacement), whatever the class ratio of the data."""
     n_fake = int(labels.sum())
     n_real = len(labels) - n_fake
     if n_fake == 0 or n_real == 0:
         raise ValueError(f"Cannot balance classes: {n_real} real and {n_fake} fake frames")
     weights = np.where(labels == 1, 0.5 / n_fake, 0.5 / n_real)
-    gen = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples, True, generator=gen)
+    return DrawSampler(torch.as_tensor(weights, dtype=torch.double), len(labels), num_samples, seed)
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader that a Lightning checkpoint can resume mid-epoch.
+
+    It follows Lightning's "stateful" protocol (``state_dict`` / ``load_state_dict`` on a train loader are saved in a
+    checkpoint and restored before iteration). The state is the sampler's epoch and how many batches of the current
+    pass have left the loader (counted here, so batches that workers prefetched but training never saw are not
+    counted). The next pass after a load skips that many batches in the batch sampler alone: their indices are drawn
+    but no image is read or augmented. With :class:`DrawSampler`'s per-draw seeds the batches that follow are those
+    an uninterrupted run sees.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = 0
+        self._skipping: _SkipFirst | None = None
+
+    @property
+    def _index_sampler(self) -> _SkipFirst:
+        # One wrapper for the loader's life: an iterator with persistent workers keeps the object it first read.
+        if self._skipping is None:
+            self._skipping = _SkipFirst(super()._index_sampler)
+        return self._skipping
+
+    def __iter__(self) -> Iterator[Any]:
+        self._served = self._index_sampler.skip
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int | None]:
+        # A DrawSampler's epoch has moved on once its pass began. Under DDP the sampler is Lightning's wrapper, whose
+        # epoch Lightning restores itself (the DrawSampler inside then starts over at epoch 0: a resumed multi-epoch
+        # DDP run redraws from the first epoch's draws; single-epoch step budgets are unaffected).
+        epoch = self.sampler.epoch - 1 if isinstance(self.sampler, DrawSampler) else None
+        return {"epoch": epoch, "batches": self._served}
+
+    def load_state_dict(self, state: Mapping[str, int | None]) -> None:
+        epoch, batches = state["epoch"], int(state["batches"])
+        if batches >= len(self):  # saved after the last batch of an epoch: the next pass is the next epoch, whole
+            epoch, batches = None if epoch is None else epoch + 1, 0
+        if epoch is not None and isinstance(self.sampler, DrawSampler):
+            self.sampler.set_epoch(epoch)
+        self._index_sampler.skip = batches
+
+
+class _SkipFirst:
+    """A batch sampler whose next pass leaves out its first ``skip`` batches (then skips none again)."""
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self.batches = batches
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        skip, self.skip = self.skip, 0
+        it = iter(self.batches)
+        for _ in itertools.islice(it, skip):
+            pass
+        return it
 
 
 def require_both_classes(frames: FrameSet, role: str) -> None:
@@ -159,20 +262,17 @@ class DetectionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         labels = self.train_set.frames.labels
-        world, rank = self._world()
+        world, _ = self._world()  # each draw carries its own augmentation seed, so ranks never repeat one another
         if self.batch_size % world:
             raise ValueError(
                 f"backbone.recipe.batch_size={self.batch_size} is the global batch and must split evenly over the "
                 f"{world} processes of this trainer (trainer.devices × trainer.num_nodes)"
             )
-        if world > 1 and self.num_workers == 0:  # ranks would otherwise repeat one another's augmentations
-            self.train_set.transform.set_random_seed(self.seed + rank)
         if self.balanced:
             sampler = balanced_sampler(labels, self.num_samples, self.seed)
         else:
-            gen = torch.Generator().manual_seed(self.seed)
-            sampler = torch.utils.data.RandomSampler(self.train_set, True, self.num_samples, generator=gen)
-        return DataLoader(
+            sampler = DrawSampler(None, len(labels), self.num_samples, self.seed)
+        return ResumableLoader(
             self.train_set,
             batch_size=self.batch_size // world,
             sampler=sampler,
@@ -180,7 +280,6 @@ class DetectionDataModule(L.LightningDataModule):
             drop_last=True,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
-            worker_init_fn=functools.partial(seed_worker_transform, rank=rank) if self.num_workers > 0 else None,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -39,6 +39,8 @@ _NOT_RECIPE = (
     "paths.output_dir",
     "overwrite",
     "train_missing",
+    "resume",
+    "checkpoint",
 )
 
 

@@ -38,6 +38,15 @@ from r2m_lab.stages.devices import (
 )
 from r2m_lab.stages.loggers import build_logger, close_logger
 from r2m_lab.stages.models import load_detector, model_input_config
+from r2m_lab.training_state import (
+    AtomicCheckpointIO,
+    TrainingState,
+    checkpoint_callback,
+    checkpoint_path,
+    refuse_missing,
+    resume_from,
+    resume_mode,
+)
 from r2m_lab.weights import Checkpoint, provenance, save_detector, write_card
 
 log = logging.getLogger(__name__)
@@ -136,14 +145,19 @@ def train_detector(
 ) -> dict[str, Any]:
     """Train on ``data_cfg`` (train split), validate on its val split, save atomically; return the card.
 
-    With ``reuse`` an existing artifact whose card has the same training fingerprint is returned instead.
+    With ``reuse`` an existing artifact whose card has the same training fingerprint is returned instead. Training
+    checkpoints are written beside the artifact at the ``checkpoint`` config's interval and continued from per
+    ``resume`` (see :mod:`r2m_lab.training_state`).
     """
     require_accelerator(cfg.trainer.accelerator)  # a GPU preset without a GPU: refused before anything else
+    path = specialist_path(cfg, data_cfg.name)
+    ckpt_path, mode = checkpoint_path(path), resume_mode(cfg)
+    if not (reuse and path.is_file()):
+        refuse_missing(ckpt_path, mode)  # resume=true with nothing to continue reads and builds nothing
     source = instantiate(data_cfg)
     # Read the data before building θ₀: a missing dataset should fail in a second, not after a pretext run.
     train_frames, val_frames = source.frames("train"), source.frames("val")
     base = Checkpoint(ensure_base(cfg))
-    path = specialist_path(cfg, data_cfg.name)
     record = training_record(cfg, data_cfg, base.base_hash)
     fp = fingerprint(record)
     if reuse and path.is_file():
@@ -152,6 +166,7 @@ def train_detector(
             log.info("Reusing %s %s (same fingerprint %s; overwrite=true retrains it)", kind, path, fp)
             return card
     replaced = check_replacement(cfg, path, kind, fp, record)  # before any training: a refusal costs nothing
+    resume, resume_step = resume_from(ckpt_path, mode, fp, record, record_differences)
     seed_all(cfg.seed)
     recipe = cfg.backbone.recipe
     model = load_detector(cfg, base, with_optimizer=True)
@@ -179,12 +194,19 @@ def train_detector(
         **loader_options(cfg.trainer),
     )
     logger = build_logger(cfg, name=f"{kind}-{data_cfg.name}", group=group)
+    state = TrainingState(fp, record, train_frames, str(data_cfg.name), ckpt_path)
+    saver = checkpoint_callback(ckpt_path, cfg.get("checkpoint") or {})
+    configured = list(instantiate(cfg.trainer.callbacks)) if cfg.trainer.get("callbacks") else []
     trainer = instantiate(
         cfg.trainer,
         max_steps=max_steps,
         max_epochs=max_epochs,
         logger=logger if logger is not None else False,
         default_root_dir=str(output_dir(cfg)),
+        callbacks=[*configured, state, *([saver] if saver is not None else [])],
+        # Lightning refuses a ModelCheckpoint when checkpointing is disabled; without one it writes nothing itself.
+        enable_checkpointing=saver is not None,
+        plugins=[AtomicCheckpointIO()],
     )
     try:
         require_single_fit_stage(str(cfg.stage.name), trainer)  # before launching anything: refusals cost nothing
@@ -200,8 +222,10 @@ def train_detector(
         len(val_frames),
         max_steps if max_steps > 0 else f"{recipe.max_epochs} epochs of",
     )
+    if resume is not None:
+        log.info("Resuming %s %s from the training checkpoint %s (step %d)", kind, data_cfg.name, resume, resume_step)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     train_seconds = time.perf_counter() - start
     close_logger(logger)
     if not trainer.is_global_zero:
@@ -214,9 +238,9 @@ def train_detector(
     )
     threshold = fit_threshold(val_scores, val_frames.labels, mode="eer")
     val_metrics = evaluate_scores(val_scores, val_frames.labels, val_frames.video_ids, threshold)
-    state = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
+    weights = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
     head = {k: v.detach().cpu() for k, v in model.head.state_dict().items()}
-    save_detector(path, state, head, {"kind": kind, "base_hash": base.base_hash, "name": str(data_cfg.name)})
+    save_detector(path, weights, head, {"kind": kind, "base_hash": base.base_hash, "name": str(data_cfg.name)})
     card = write_card(
         path,
         {
@@ -233,7 +257,8 @@ def train_detector(
             "max_steps": max_steps,
             "distributed": distributed_record(trainer, batch_size),  # world size, strategy, devices, batch split
             "train_frames": len(train_frames),
-            "train_seconds": round(train_seconds, 2),
+            "train_seconds": round(train_seconds, 2),  # of this process: after a resume, from resumed_at_step on
+            "resumed_at_step": resume_step if resume is not None else None,
             "threshold": threshold,
             "threshold_mode": "eer on val",
             "val_metrics": val_metrics,
@@ -247,5 +272,7 @@ def train_detector(
     recipe_file = specialists_dir(cfg) / "recipe.json"
     if not recipe_file.is_file():  # what the folder's tag stands for, for a reader of artifacts/
         write_json_atomic(recipe_file, {"tag": recipe_tag(cfg), **training_recipe(cfg)})
+    # The detector and its card are written: the training checkpoint has nothing left that anything reads.
+    ckpt_path.unlink(missing_ok=True)
     log.info("%s %s: val AUC %.3f, written to %s", kind, data_cfg.name, val_metrics["frame"]["auc"], path)
     return card
