@@ -4,6 +4,7 @@ submitit's local executor (each job in a process of its own), and failures repor
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 from pathlib import Path
@@ -130,13 +131,15 @@ def test_failures_recorded_by_jobs_in_other_processes_are_reported(tmp_path, mon
 
 @pytest.mark.slow
 def test_two_job_sweep_through_submitits_local_executor(tmp_path):
-    # job 0 trains a smoke specialist; job 1 has no data (fails in its own process): both end, each is accounted for
+    # job 0 trains the smoke specialists, merges and evaluates; job 1's knob is refused in its own process: both end
     proc = run_cli(
         "-m",
         "hydra/launcher=submitit_local",
-        "stage=finetune",
-        "data=synthetic_swap,faceforensics_df",
+        "stage=merge",
+        "merger=r2m",
+        "stage.evaluate=true",
         "debug=smoke",
+        "rank_ratio=0.1,2",
         "+hydra.callbacks.tables._target_=r2m_lab.results.callback.BuildTables",
         root=tmp_path,
         timeout=600,
@@ -144,16 +147,19 @@ def test_two_job_sweep_through_submitits_local_executor(tmp_path):
     assert proc.returncode != 0  # Hydra re-raises the failed job
     (sweep,) = (tmp_path / "multirun").glob("*/*")
     ok, bad = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
-    assert "data=synthetic_swap" in ok.name and "data=faceforensics_df" in bad.name
+    assert "rank_ratio=0.1" in ok.name and "rank_ratio=2" in bad.name
     assert (ok / "metrics.json").is_file() and '"completed"' in (ok / failed_jobs.STATUS_FILE).read_text()
-    assert len(list((tmp_path / "artifacts" / "specialists").rglob("synthetic_swap.safetensors"))) == 1
+    assert len(list((tmp_path / "artifacts" / "merged").rglob("r2m-*.safetensors"))) == 1
     # each job ran in a submitit process of its own and handed its result back as a pickle
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2
     # the failure, reported by the launching process although it happened in the job's process
     assert "1 job(s) failed:" in proc.stderr, proc.stderr[-3000:]
-    assert f"job 1 (stage=finetune data=faceforensics_df debug=smoke paths.root={tmp_path})" in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("  job 1 (")]
+    assert "rank_ratio=2" in line and "rank_ratio must be a fraction in (0, 1]" in line
     assert str(bad / "__main__.log") in proc.stderr and "Traceback" in (bad / "__main__.log").read_text()
-    # the sweep's tables were built, and relaunch.sh sends exactly the failed job back through the same launcher
+    # the sweep's tables callback ran in the launching process and read both job folders (stage=merge jobs make no
+    # table rows, so both are listed as missing), and relaunch.sh sends jobs back through the same launcher
+    report = json.loads((sweep / "tables" / "tables.json").read_text())
+    assert sorted(Path(r["folder"]).name for r in report["runs"]) == [ok.name, bad.name]
     relaunch = (sweep / "tables" / "relaunch.sh").read_text()
-    assert "data=faceforensics_df" in relaunch and "data=synthetic_swap" not in relaunch
-    assert "hydra/launcher=submitit_local" in relaunch
+    assert "rank_ratio=2" in relaunch and "hydra/launcher=submitit_local" in relaunch
