@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE ?= 1
 
-.PHONY: install demo test test-fast lint format bench bench-merge tables clean
+.PHONY: install demo test test-fast lint format bench bench-merge bench-train tables clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ bench: bench-merge
 
 bench-merge: install
 	$(BIN)/python -m r2m_lab.bench $(BENCH_ARGS)
+
+## Training throughput (images/s): the model alone, the data pipeline alone (PNG decode + augment) and both together;
+## tiny on CPU, plus CLIP ViT-B/16 and ViT-L/14 (224 px, bf16, batch 32) on a GPU. Writes bench/train_report.{md,json}.
+##   make bench-train [BENCH_TRAIN_ARGS="--workers 12 --steps 50"]
+bench-train: install
+	$(BIN)/python -m r2m_lab.bench_train $(BENCH_TRAIN_ARGS)
 
 # Each folder quoted: job folders hold "=" and "," (0_seed=1,merger=average), which Hydra's list syntax would split.
 _comma := ,

@@ -1,4 +1,5 @@
-"""The merge benchmark script runs end to end (on a tiny ViT): fixtures, one subprocess per merger, the report."""
+"""The benchmark scripts run end to end on tiny sizes: the merge benchmark (a tiny ViT: fixtures, one subprocess per
+merger, the report) and the training-throughput one (the tiny backbone on CPU: PNG crops, three measurements)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,25 @@ def test_bench_merge_smoke(tmp_path):
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "fixtures").rglob("*.safetensors")}
     assert bench.main(["--arch", "vit_tiny", "--n", "2", "--merger", "average", "--out", str(tmp_path)]) == 0
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+
+
+@pytest.mark.slow
+def test_bench_train_smoke(tmp_path):
+    from r2m_lab import bench_train
+
+    args = ["--device", "cpu", "--steps", "2", "--warmup", "1", "--batch-size", "4", "--frames", "16", "--crop", "48"]
+    assert bench_train.main([*args, "--workers", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "train_report.json").read_text())
+    assert report["machine"]["frames"]["count"] == 16 and report["machine"]["frames"]["mean_kb"] > 0
+    (row,) = report["rows"]  # --device cpu: the tiny backbone only; the CLIP rows are listed as not run
+    assert {r["backbone"] for r in report["not_run"]} == {"clip_vit_b16", "clip_vit_l14"}
+    assert (row["backbone"], row["device"], row["precision"], row["num_workers"]) == ("tiny", "cpu", "fp32", 1)
+    assert row["persistent_workers"] and row["augment"] == ["flip"] and row["input_size"] == 64
+    for key in ("model_images_per_s", "data_images_per_s", "pipeline_images_per_s"):
+        assert row[key] > 0, (key, row)
+    assert row["pipeline_over_model"] == row["pipeline_images_per_s"] / row["model_images_per_s"]
+    slower = "data loading" if row["data_images_per_s"] < row["model_images_per_s"] else "model"
+    assert row["bottleneck"] == slower
+    text = (tmp_path / "train_report.md").read_text()
+    assert "| tiny | cpu | fp32 | 4 | 64 | 1 |" in text and "| clip_vit_l14 | — |" in text and "not run: " in text
+    assert len(list((tmp_path / "fixtures").glob("frames-*/*.png"))) == 16

@@ -61,6 +61,11 @@ TABLES = ByTest("tests/test_results_tables.py::test_stage_tables_through_the_cli
 MULTIRUN = ByTest("tests/test_cli.py::test_multirun_merge_sweep")
 REAL_DATA = ByTest("tests/test_data.py::test_real_data_finetune_then_evaluate")
 AUGMENT = ByTest("tests/test_data.py::test_augmentation_knobs_change_the_pipeline")
+SLURM_ABSENT = FailsFast('Could not detect "srun"')
+CLUSTER = (
+    ByTest("tests/test_cluster.py::test_slurm_preset_submits_one_array_with_its_knobs"),
+    ByTest("tests/test_cluster.py::test_two_job_sweep_through_submitits_local_executor"),
+)
 
 COVERAGE: dict[str, tuple[ByTest | FailsFast | Make, ...]] = {
     # README.md: two commands
@@ -199,6 +204,10 @@ COVERAGE: dict[str, tuple[ByTest | FailsFast | Make, ...]] = {
     # README.md prose
     "python -m r2m_lab": (PIPELINE,),
     "make bench-merge": (Make("bin/python -m r2m_lab.bench"), ByTest("tests/test_bench.py::test_bench_merge_smoke")),
+    "make bench-train": (
+        Make("bin/python -m r2m_lab.bench_train"),
+        ByTest("tests/test_bench.py::test_bench_train_smoke"),
+    ),
     "make lint": (Make("bin/ruff check ."),),
     "make test-fast": (Make('-m "not slow"'),),
     # experiments/README.md
@@ -239,6 +248,17 @@ COVERAGE: dict[str, tuple[ByTest | FailsFast | Make, ...]] = {
     "backbone.weights.path=/models/clip-vit-large-patch14/model.safetensors paths.data_dir=/data/df40 device=cuda": (
         FailsFast("Backbone weights for clip_vit_l14 not found at /models/clip-vit-large-patch14/model.safetensors"),
         PAPER_SWEEPS,
+    ),
+    # README.md: cluster sweeps (no SLURM here: submitit stops before submitting anything; the array it would submit
+    # is rendered by a test, and a two-job sweep runs through submitit's local executor)
+    "python -m r2m_lab -cd experiments -cn main_tables benchmark=df40 backbone=clip_vit_l14 "
+    "backbone.weights.path=/models/clip-vit-large-patch14/model.safetensors paths.data_dir=/data/df40 device=cuda "
+    "hydra/launcher=slurm hydra.launcher.partition=gpu hydra.launcher.timeout_min=720": (SLURM_ABSENT, *CLUSTER),
+    "python -m r2m_lab -m stage=finetune data=df40_fs_ff backbone=clip_vit_l14 "
+    "backbone.weights.path=/models/clip-vit-large-patch14/model.safetensors paths.data_dir=/data/df40 trainer=ddp "
+    "++trainer.num_nodes=2 hydra/launcher=slurm hydra.launcher.nodes=2 hydra.launcher.gpus_per_node=4": (
+        SLURM_ABSENT,
+        *CLUSTER,
     ),
 }
 

@@ -41,6 +41,11 @@ def build_pending() -> Path | None:
     if not _PENDING:
         return None
     sweep, settings, config = _PENDING.pop("sweep"), _PENDING.pop("settings"), _PENDING.pop("config")
+    if not any(sweep.rglob(".hydra/overrides.yaml")):
+        # the launcher failed before any job started (e.g. hydra/launcher=slurm where there is no SLURM): its error
+        # is the news, and a table of nothing but missing cells would only delay it
+        log.error("No job of the sweep %s started, so it has no tables", sweep)
+        return None
     from r2m_lab.stages.tables import tables  # the builder's imports only when a sweep ends
 
     out = sweep / "tables"

@@ -129,8 +129,9 @@ class Sweep:
         return int(value if value is not None else self.config.get("seed"))
 
     def relaunch_command(self, overrides: Sequence[str]) -> str:
-        """``python -m r2m_lab -m -cd <config dir> -cn <config name> <the job's overrides> hydra.sweep.dir=<folder>``:
-        relaunches exactly that job into this sweep's folder (config dir: the sweep's primary config source)."""
+        """The command that relaunches exactly that job into this sweep's folder: ``python -m r2m_lab -m -cd <config
+        dir> -cn <config name> <the job's overrides> <the sweep's Hydra overrides> hydra.sweep.dir=<folder>`` (config
+        dir: the sweep's primary config source)."""
         hydra = self.config["hydra"]
         sources = hydra["runtime"]["config_sources"]
         # `-cd experiments` adds its folder as the "command-line" source, and that is where -cn's file lives (the
@@ -144,7 +145,14 @@ class Sweep:
         where = (
             ["-cd", source["path"]] if source["schema"] == "file" else ["-cp", f"{source['schema']}://{source['path']}"]
         )
-        args = ["python", "-m", "r2m_lab", "-m", *where, "-cn", str(hydra["job"]["config_name"]), *overrides]
+        # The sweep's own Hydra overrides too (hydra/launcher=slurm and its knobs, callbacks): a job of a SLURM array
+        # goes back to the cluster, not onto the machine that runs the relaunch. The -m flag and the folder are added.
+        kept = [
+            str(o)
+            for o in hydra.get("overrides", {}).get("hydra", [])
+            if not str(o).startswith(("hydra.mode=", "hydra.sweep.dir="))
+        ]
+        args = ["python", "-m", "r2m_lab", "-m", *where, "-cn", str(hydra["job"]["config_name"]), *overrides, *kept]
         # The folder the jobs are in now (absolute), not multirun.yaml's hydra.sweep.dir: a sweep copied or moved
         # since, or launched with a relative dir from another cwd, still gets its jobs back in the same folder.
         return shlex.join([*args, f"hydra.sweep.dir={self.folder.resolve()}"])
