@@ -256,7 +256,7 @@ COVERAGE: dict[str, tuple[ByTest | FailsFast | Make, ...]] = {
     "hydra/launcher=slurm hydra.launcher.partition=gpu hydra.launcher.timeout_min=720": (SLURM_ABSENT, *CLUSTER),
     "python -m r2m_lab -m stage=finetune data=df40_fs_ff backbone=clip_vit_l14 "
     "backbone.weights.path=/models/clip-vit-large-patch14/model.safetensors paths.data_dir=/data/df40 trainer=ddp "
-    "++trainer.num_nodes=2 hydra/launcher=slurm hydra.launcher.nodes=2 hydra.launcher.gpus_per_node=4": (
+    "trainer.num_nodes=2 hydra/launcher=slurm hydra.launcher.nodes=2 hydra.launcher.gpus_per_node=4": (
         SLURM_ABSENT,
         *CLUSTER,
     ),
