@@ -201,18 +201,30 @@ def read_task_vectors(
     or dtype mismatch or a non-finite value.
     """
     reference = theta0[key]
-    check_tensor("theta0", key, reference, reference)
     tensors = [specialists[name][key] for name in names]
-    for name, tensor in zip(names, tensors, strict=True):
-        check_tensor(name, key, reference, tensor)
-    if not reference.is_floating_point():
+
+    def check_all() -> None:
+        check_tensor("theta0", key, reference, reference)
+        for name, tensor in zip(names, tensors, strict=True):
+            check_tensor(name, key, reference, tensor)
+
+    if not reference.is_floating_point() or any(
+        not isinstance(t, Tensor) or t.shape != reference.shape or t.dtype != reference.dtype for t in tensors
+    ):
+        check_all()  # raises on a mismatch; a non-floating key (no values to check) passes
         return reference, None
     # float64 differences of float32 weights are exact, so θ₀ + τ reproduces θᵢ bit for bit after the final cast.
     # Filled in place: one float64 buffer instead of N converted copies, N differences and their stack.
     taus = torch.empty((len(tensors), *reference.shape), dtype=torch.float64, device=reference.device)
     for row, tensor in zip(taus, tensors, strict=True):
         row.copy_(tensor)
-    return reference, taus.sub_(reference)
+    taus.sub_(reference)
+    # One reduction instead of N + 1 isfinite masks: a NaN/inf in θ₀ or any θᵢ makes the float64 sum of the task
+    # vectors non-finite. Only then (or if a huge finite float64 sum overflowed) the per-tensor check runs, to name the
+    # tensor; it raises unless the sum merely overflowed.
+    if not math.isfinite(float(taus.sum())):
+        check_all()
+    return reference, taus
 
 
 def iter_task_vectors(
@@ -233,6 +245,13 @@ def gram(taus: Tensor) -> Tensor:
     """Inner products of one key's task vectors: (N, *shape) -> (N, N) float64 on the CPU."""
     flat = taus.reshape(taus.shape[0], -1)
     return (flat @ flat.T).to(device="cpu", dtype=torch.float64)
+
+
+def is_zero(taus: Tensor, key_gram: Tensor) -> bool:
+    """True if every task vector of one key is zero, given its Gram (N, N): a zero diagonal (‖τᵢ‖² = 0) settles it
+    without another pass over the tensor, except that squares of float64 values below ~1e-154 underflow to 0, so a
+    zero diagonal is confirmed on the tensor itself."""
+    return not bool(key_gram.diagonal().any()) and not bool(taus.any())
 
 
 # -------------------------------------------------------------------------------------------------- diagnostics
@@ -420,11 +439,12 @@ def merge_keys(
     task_gram = torch.zeros(len(names), len(names), dtype=torch.float64)
     backbone, zero_keys = {}, 0
     for key, reference, taus in iter_task_vectors(theta0, specialists, names):
-        if taus is None or not taus.any():
+        key_gram = None if taus is None else gram(taus)
+        if key_gram is None or is_zero(taus, key_gram):
             backbone[key] = reference.clone()
             zero_keys += taus is not None
             continue
-        task_gram += gram(taus)
+        task_gram += key_gram
         backbone[key] = apply_delta(reference, combine(key, taus))
     return StreamedMerge(backbone, task_gram, zero_keys)
 
