@@ -249,6 +249,7 @@ class _Pass2:
     residual_gram: Tensor  # (N, N) Σ r̂ᵢ·r̂ⱼ over all keys
     norm_sq_before: Tensor  # (N,) Σ ‖rᵢ‖² (before truncation)
     core_dot: Tensor  # (N,) Σ τᵢ·τ_core
+    truncation_s: float = 0.0  # seconds in the rank-q factorisations (inside pass 2), for the timings
     core_sq: float = 0.0  # ‖τ_core‖²
     factors: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)  # truncated keys
     kept_rank: dict[str, int] = field(default_factory=dict)  # q per matrix (per d×d block for a fused qkv)
@@ -284,7 +285,9 @@ def _pass2(
             q = acc.kept_rank[key] = kept_rank(rows, cols, rank_ratio)
             if q < min(rows, cols):  # ρ = 1 keeps everything: nothing to store, pass 3 rebuilds rᵢ exactly
                 # float64 factors (float32 sketch, float64 finish if randomized): "Precision" in the module docstring.
+                started = time.perf_counter()
                 us, vh = low_rank_factors(blocks, q, svd)  # (N, B, m, q), (N, B, q, n) float64
+                acc.truncation_s += time.perf_counter() - started
                 if q * (rows + cols) < rows * cols:
                     acc.factors[key] = (us, vh)
                     acc.residual_gram += factor_gram(us, vh)  # never densifies r̂: O(N²q²(m+n)), not O(Nmnq)
@@ -421,6 +424,7 @@ def merge(
         truncation=truncation,
     )
     tick("pass2_residuals")
+    timings["pass2_of_which_truncation"] = second.truncation_s
 
     task_norms = first.task_gram.diagonal().clamp_min(0).sqrt()
     core_norm = math.sqrt(second.core_sq)
