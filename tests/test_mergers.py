@@ -283,7 +283,7 @@ def with_spectrum(rows: int, cols: int, sigma: Tensor, seed: int) -> tuple[Tenso
 @pytest.mark.parametrize("shape", [(90, 60), (60, 90), (64, 64)])  # tall (AᵀA), wide (AAᵀ), square
 def test_polar_factor_by_the_gram_matches_the_known_one_and_the_svd(shape):
     rank = min(shape)
-    sigma = torch.logspace(0, -3.5, rank, dtype=F64)  # κ ≈ 3e3, inside the Gram route's bound of 1e4
+    sigma = torch.logspace(0, -3.5, rank, dtype=F64)  # κ ≈ 3e3, inside the Gram route's bound of 1e5
     a, u, v = with_spectrum(*shape, sigma, seed=5)
     polar, s = polar_factor(a, "gram")
     # eps·κ² ≈ 1e-9 is the Gram route's error bound; measured ~1e-12 here
@@ -300,7 +300,7 @@ def test_polar_factor_by_the_gram_matches_the_known_one_and_the_svd(shape):
 
 
 def test_polar_factor_by_the_gram_hands_ill_conditioned_and_zero_matrices_to_the_svd():
-    # κ = 1e6 > 1e4: squared (1e12) the Gram loses ~eps·κ² = 1e-4 of the smallest directions, so the SVD decides;
+    # κ = 1e6 > 1e5: squared (1e12) the Gram loses ~eps·κ² = 1e-4 of the smallest directions, so the SVD decides;
     # rank deficient and zero matrices too, where U Vᵀ is the SVD's choice. A well-conditioned neighbour in the same
     # batch keeps the Gram route and the same result.
     sigma = torch.logspace(0, -6, 40, dtype=F64)

@@ -28,7 +28,7 @@ with σⱼ = 0 (a rank-deficient sum) get σ̄ too: that is the method, and thei
 
 One float64 decomposition per matrix (of the sum; N is not involved): `polar: gram` (default) takes U Vᵀ and σ from
 the eigen-decomposition of the Gram AᵀA, ~2-3× faster than the SVD on CPU and the same in exact arithmetic, with the
-SVD for a matrix whose σ_min/σ_max < 1e-4 (task_vectors.polar_factor); `polar: svd` is the official code's route.
+SVD for a matrix whose σ_min/σ_max < 1e-5 (task_vectors.polar_factor); `polar: svd` is the official code's route.
 One streaming pass, one key of all N in memory.
 """
 
