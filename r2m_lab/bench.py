@@ -12,7 +12,9 @@ files once are compared with.
 The task vectors are a shared random direction plus an individual one per specialist, each a low-rank matrix plus
 dense noise on the matrix keys (fine-tuning updates are approximately low-rank), at 1e-3 of θ₀'s scale, so R²M's
 Real core and the truncations see realistic, not degenerate, structure. Timings depend on the machine; the report
-records it.
+records it, and each merger's own phase timings (R²M: pass 1 reads every key and accumulates the Gram, pass 2 forms the
+residuals and truncates them, of which the factorisations alone are `pass2_of_which_truncation`, pass 3 re-reads and
+writes θ*; the save is the separate "save s" column).
 
     python -m r2m_lab.bench                                   # both architectures, N = 3 and 6, every merger
     python -m r2m_lab.bench --arch clip_vit_l14 --n 3 --merger r2m ties
@@ -218,14 +220,15 @@ def markdown(rows: list[dict], machine: dict) -> str:
         f"device {machine['device']}. Merge time includes reading the specialists; save is separate; peak RSS is "
         "the whole child process (interpreter and torch included).",
         "",
-        "| backbone | N | merger | merge s | × read | save s | peak RSS GB | targets |",
-        "|---|---:|---|---:|---:|---:|---:|---|",
+        "| backbone | N | merger | merge s | × read | save s | peak RSS GB | targets | merger's phases s |",
+        "|---|---:|---|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         x_read = f"{r['x_read']:.2f}" if "x_read" in r else ""
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in r.get("phases_s", {}).items() if k != "total")
         lines.append(
             f"| {r['arch']} | {r['n']} | {r['merger']} | {r['merge_s']:.2f} | {x_read} | {r['save_s']:.2f} | "
-            f"{r['peak_rss_gb']:.2f} | {r.get('targets', '')} |"
+            f"{r['peak_rss_gb']:.2f} | {r.get('targets', '')} | {phases} |"
         )
     return "\n".join(lines) + "\n"
 

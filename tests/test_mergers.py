@@ -22,6 +22,7 @@ from r2m_lab.mergers.task_vectors import (
     is_norm_or_bias,
     kept_rank,
     low_rank_factors,
+    polar_factor,
     split_qkv,
     task_vector_cosines,
     task_vector_norms,
@@ -269,6 +270,64 @@ def test_randomized_svd_of_float64_input_is_float64_accurate_and_deterministic(s
     batched = low_rank_factors(torch.stack([decaying_matrix(*shape, ratio=0.5, seed=4), a]), 10, "randomized")
     for factor, repeat, in_batch in zip((us, vh), again, batched, strict=True):
         assert torch.equal(repeat, factor) and torch.equal(in_batch[1], factor)
+
+
+def with_spectrum(rows: int, cols: int, sigma: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(A, U, V) float64 with A = U diag(sigma) Vᵀ for random orthonormal U (rows, r), V (cols, r), r = len(sigma)."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(rows, len(sigma), generator=g, dtype=F64))
+    v, _ = torch.linalg.qr(torch.randn(cols, len(sigma), generator=g, dtype=F64))
+    return (u * sigma) @ v.T, u, v
+
+
+@pytest.mark.parametrize("shape", [(90, 60), (60, 90), (64, 64)])  # tall (AᵀA), wide (AAᵀ), square
+def test_polar_factor_by_the_gram_matches_the_known_one_and_the_svd(shape):
+    rank = min(shape)
+    sigma = torch.logspace(0, -3.5, rank, dtype=F64)  # κ ≈ 3e3, inside the Gram route's bound of 1e5
+    a, u, v = with_spectrum(*shape, sigma, seed=5)
+    polar, s = polar_factor(a, "gram")
+    # eps·κ² ≈ 1e-9 is the Gram route's error bound; measured ~1e-12 here
+    assert (polar - u @ v.T).norm() <= 1e-9 * math.sqrt(rank) and (s - sigma).abs().max() <= 1e-12
+    polar_svd, s_svd = polar_factor(a, "svd")
+    assert (polar - polar_svd).norm() <= 1e-9 * math.sqrt(rank) and torch.allclose(s, s_svd, rtol=0, atol=1e-12)
+    assert polar.dtype == a.dtype == s.dtype and polar.shape == a.shape and s.shape == (rank,)
+    batch = torch.stack([a, 2 * a])  # batched: each matrix on its own
+    polar_b, s_b = polar_factor(batch, "gram")
+    assert_close(polar_b[1], polar, rtol=0, atol=1e-9)
+    assert_close(s_b[1], 2 * s, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="polar must be one of gram, svd"):
+        polar_factor(a, "qr")
+
+
+def test_polar_factor_by_the_gram_hands_ill_conditioned_and_zero_matrices_to_the_svd():
+    # κ = 1e6 > 1e5: squared (1e12) the Gram loses ~eps·κ² = 1e-4 of the smallest directions, so the SVD decides;
+    # rank deficient and zero matrices too, where U Vᵀ is the SVD's choice. A well-conditioned neighbour in the same
+    # batch keeps the Gram route and the same result.
+    sigma = torch.logspace(0, -6, 40, dtype=F64)
+    ill, u, v = with_spectrum(70, 40, sigma, seed=6)
+    deficient = with_spectrum(70, 40, torch.cat([torch.ones(30, dtype=F64), torch.zeros(10, dtype=F64)]), seed=7)[0]
+    good = with_spectrum(70, 40, torch.linspace(1, 0.5, 40, dtype=F64), seed=8)[0]
+    batch = torch.stack([ill, deficient, torch.zeros(70, 40, dtype=F64), good])
+    polar, s = polar_factor(batch, "gram")
+    polar_svd, s_svd = polar_factor(batch, "svd")
+    assert torch.equal(polar[:3], polar_svd[:3]) and torch.equal(s[:3], s_svd[:3])  # the SVD's bits
+    assert (polar[0] - u @ v.T).norm() <= 1e-6
+    assert_close(polar[3], polar_svd[3], rtol=0, atol=1e-12)
+
+
+def test_iso_c_and_tsv_polar_by_gram_agree_with_the_svd():
+    d = 24
+    theta0 = toy_theta0(d=d, seed=9, dtypes=dict.fromkeys(toy_theta0(d=d), F64))
+    specialists = {f: perturbed(theta0, i) for i, f in enumerate("abc")}
+    heads = heads_for("abc", d)
+    for name in ("iso_c", "tsv"):
+        by_gram = run(name, theta0, specialists, heads, polar="gram")
+        by_svd = run(name, theta0, specialists, heads, polar="svd")
+        assert by_gram.diagnostics["hyperparameters"]["polar"] == "gram"
+        for key in theta0:
+            delta = by_svd.backbone[key] - theta0[key]
+            error = (by_gram.backbone[key] - by_svd.backbone[key]).norm()
+            assert error <= 1e-9 * delta.norm() + 1e-15, (name, key)
 
 
 def test_task_vector_norms_and_cosines_by_hand():

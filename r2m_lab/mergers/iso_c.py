@@ -26,7 +26,10 @@ so for N > 1 no single λ returns the specialist. One specialist (N = 1) whose m
 (τ = c·orthogonal) is returned at λ = 1; for any other spectrum Iso-C flattens it on purpose. Singular directions
 with σⱼ = 0 (a rank-deficient sum) get σ̄ too: that is the method, and their directions are whatever the SVD returns.
 
-One float64 SVD per matrix (of the sum; N is not involved), one streaming pass, one key of all N in memory.
+One float64 decomposition per matrix (of the sum; N is not involved): `polar: gram` (default) takes U Vᵀ and σ from
+the eigen-decomposition of the Gram AᵀA, ~2-3× faster than the SVD on CPU and the same in exact arithmetic, with the
+SVD for a matrix whose σ_min/σ_max < 1e-5 (task_vectors.polar_factor); `polar: svd` is the official code's route.
+One streaming pass, one key of all N in memory.
 """
 
 from __future__ import annotations
@@ -34,14 +37,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from r2m_lab.mergers.contract import ScaledKnobs
 from r2m_lab.mergers.task_vectors import (
+    POLAR_METHODS,
     MergeResult,
     PhaseTimer,
     average_heads,
+    check_choice,
     check_heads,
     check_keys,
     family_names,
@@ -49,6 +53,7 @@ from r2m_lab.mergers.task_vectors import (
     matrix_blocks,
     merge_diagnostics,
     merge_keys,
+    polar_factor,
 )
 
 StateDict = Mapping[str, Tensor]
@@ -56,7 +61,15 @@ StateDict = Mapping[str, Tensor]
 
 @dataclass(frozen=True)
 class IsoC(ScaledKnobs):
-    """Iso-C (module docstring). lam: λ on the isotropic merge (conf/merger/iso_c.yaml)."""
+    """Iso-C (module docstring). lam: λ on the isotropic merge; polar: "gram" | "svd", how U Vᵀ and σ are computed
+    (`task_vectors.polar_factor`; conf/merger/iso_c.yaml)."""
+
+    polar: str
+
+    def check(self, n_tasks: int | None = None) -> None:
+        """Refuse a λ that is not a finite number, or an unknown polar method."""
+        super().check(n_tasks)
+        check_choice("polar", self.polar, POLAR_METHODS)
 
     def __call__(
         self, theta0: StateDict, specialists: Mapping[str, StateDict], heads: Mapping[str, Mapping[str, Tensor]]
@@ -65,11 +78,14 @@ class IsoC(ScaledKnobs):
         return merge(theta0, specialists, heads, self)
 
 
-def isotropic(matrices: Tensor) -> tuple[Tensor, Tensor]:
-    """σ̄ U Vᵀ of each matrix and its σ̄: (..., m, n) -> ((..., m, n), (...,)), in the input's dtype."""
-    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
+def isotropic(matrices: Tensor, polar: str = "gram") -> tuple[Tensor, Tensor]:
+    """σ̄ U Vᵀ of each matrix and its σ̄: (..., m, n) -> ((..., m, n), (...,)), in the input's dtype.
+
+    ``polar``: how U Vᵀ and σ are computed (`task_vectors.polar_factor`: "gram" or "svd").
+    """
+    orthogonal, s = polar_factor(matrices, polar)
     mean_sigma = s.mean(-1)
-    return mean_sigma[..., None, None] * (u @ vh), mean_sigma
+    return mean_sigma[..., None, None] * orthogonal, mean_sigma
 
 
 def merge(
@@ -92,7 +108,7 @@ def merge(
         if not (is_matrix_key(key) and taus.ndim == 3):
             return lam * taus.mean(0)
         blocks = matrix_blocks(key, taus.sum(0, keepdim=True))[0]  # (B, m/B, n): the summed task matrix per block
-        iso, mean_sigma = isotropic(blocks)
+        iso, mean_sigma = isotropic(blocks, knobs.polar)
         ranks[key] = min(blocks.shape[-2:])  # Iso-C keeps every direction, at the same weight
         mean_sigmas[key] = mean_sigma.tolist()
         return lam * iso.reshape(taus.shape[1:])
@@ -100,7 +116,13 @@ def merge(
     streamed = merge_keys(theta0, specialists, names, combine)
     timer.tick("merge")
     diagnostics = merge_diagnostics(
-        "iso_c", names, {"lam": lam}, streamed.task_gram, len(streamed.backbone), streamed.n_zero_keys, timer.timings
+        "iso_c",
+        names,
+        {"lam": lam, "polar": knobs.polar},
+        streamed.task_gram,
+        len(streamed.backbone),
+        streamed.n_zero_keys,
+        timer.timings,
     )
     diagnostics["kept_rank"] = ranks  # directions kept per matrix (per d×d block for a fused qkv): all of them
     diagnostics["mean_singular_value"] = mean_sigmas  # σ̄ of Σᵢ τᵢ per block, before λ

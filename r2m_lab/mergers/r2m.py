@@ -67,6 +67,7 @@ from r2m_lab.mergers.task_vectors import (
     is_finite_number,
     is_matrix_key,
     is_norm_or_bias,
+    is_zero,
     iter_task_vectors,
     kept_rank,
     low_rank_factors,
@@ -103,26 +104,32 @@ def block_weight_of(key_gram: Tensor, block_weight: str) -> float:
     return 1.0 / energy if energy > 0 else 0.0
 
 
-def weighted_block_sums(key: str, taus: Tensor, center: bool, block_weight: str) -> tuple[Tensor, Tensor]:
+def weighted_block_sums(
+    key: str, taus: Tensor, center: bool, block_weight: str, plain_gram: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """One key's contribution to G and a: (Σ_b γᵇ Aᵇ Aᵇᵀ (N, N), Σ_b γᵇ Aᵇ τ̄ᵇ (N,)), float64 on the CPU.
 
     taus: (N, *shape). The blocks b are the key itself, or for `block_weight="equal"` on a fused qkv its q, k and v
     (each with its own γ, as split q/k/v keys would get); with γ = 1 the split changes nothing, so it is skipped.
+    Both sums follow from each block's plain Gram C = F Fᵀ (F: the block's rows, N × P/B): with H = I − 11ᵀ/N when
+    centering (else I), A = H F, A Aᵀ = H C H and A τ̄ = H F Fᵀ 1/N = H C 1/N. So each block costs one pass over
+    its entries (its Gram), and none when ``plain_gram`` (= `gram(taus)`, already computed) covers the whole key.
     """
     n = taus.shape[0]
     if block_weight == "equal" and is_matrix_key(key) and taus.ndim == 3:
         blocks = matrix_blocks(key, taus).flatten(2)  # (N, B, P/B): B = 3 for a fused qkv, else 1
     else:
         blocks = taus.reshape(n, 1, -1)  # (N, B, P/B)
+    whole = plain_gram is not None and blocks.shape[1] == 1
+    plain_grams = [plain_gram] if whole else [gram(block) for block in blocks.unbind(1)]
+    centering = torch.eye(n, dtype=torch.float64) - (1.0 / n if center else 0.0)  # H (N, N)
     key_gram = torch.zeros(n, n, dtype=torch.float64)
     key_a = torch.zeros(n, dtype=torch.float64)
-    for b in range(blocks.shape[1]):
-        flat = blocks[:, b]  # (N, P/B)
-        rows = core_rows(flat, center)
-        block_gram = (rows @ rows.T).cpu()
+    for block_plain in plain_grams:
+        block_gram = centering @ block_plain @ centering
         weight = block_weight_of(block_gram, block_weight)
         key_gram += weight * block_gram
-        key_a += weight * (rows @ flat.mean(0)).cpu()
+        key_a += weight * (centering @ block_plain).sum(1) / n
     return key_gram, key_a
 
 
@@ -224,14 +231,15 @@ def _pass1(
         torch.zeros(n, n, dtype=torch.float64),
     )
     for key, _, taus in iter_task_vectors(theta0, specialists, names):
-        if taus is None or not taus.any():
+        plain = None if taus is None else gram(taus)
+        if plain is None or is_zero(taus, plain):
             continue
         acc.active.append(key)
-        acc.task_gram += gram(taus)
+        acc.task_gram += plain
         if is_norm_or_bias(key):
             continue
         acc.core_keys.add(key)
-        key_gram, key_a = weighted_block_sums(key, taus, center, block_weight)
+        key_gram, key_a = weighted_block_sums(key, taus, center, block_weight, plain)
         acc.gram += key_gram
         acc.a += key_a
     return acc
@@ -242,6 +250,7 @@ class _Pass2:
     residual_gram: Tensor  # (N, N) Σ r̂ᵢ·r̂ⱼ over all keys
     norm_sq_before: Tensor  # (N,) Σ ‖rᵢ‖² (before truncation)
     core_dot: Tensor  # (N,) Σ τᵢ·τ_core
+    truncation_s: float = 0.0  # seconds in the rank-q factorisations (inside pass 2), for the timings
     core_sq: float = 0.0  # ‖τ_core‖²
     factors: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)  # truncated keys
     kept_rank: dict[str, int] = field(default_factory=dict)  # q per matrix (per d×d block for a fused qkv)
@@ -277,7 +286,9 @@ def _pass2(
             q = acc.kept_rank[key] = kept_rank(rows, cols, rank_ratio)
             if q < min(rows, cols):  # ρ = 1 keeps everything: nothing to store, pass 3 rebuilds rᵢ exactly
                 # float64 factors (float32 sketch, float64 finish if randomized): "Precision" in the module docstring.
+                started = time.perf_counter()
                 us, vh = low_rank_factors(blocks, q, svd)  # (N, B, m, q), (N, B, q, n) float64
+                acc.truncation_s += time.perf_counter() - started
                 if q * (rows + cols) < rows * cols:
                     acc.factors[key] = (us, vh)
                     acc.residual_gram += factor_gram(us, vh)  # never densifies r̂: O(N²q²(m+n)), not O(Nmnq)
@@ -439,6 +450,7 @@ def _decompose(
         truncation=truncation,
     )
     tick("pass2_residuals")
+    timings["pass2_of_which_truncation"] = second.truncation_s
 
     task_norms = first.task_gram.diagonal().clamp_min(0).sqrt()
     core_norm = math.sqrt(second.core_sq)

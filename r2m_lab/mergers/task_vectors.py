@@ -201,18 +201,30 @@ def read_task_vectors(
     or dtype mismatch or a non-finite value.
     """
     reference = theta0[key]
-    check_tensor("theta0", key, reference, reference)
     tensors = [specialists[name][key] for name in names]
-    for name, tensor in zip(names, tensors, strict=True):
-        check_tensor(name, key, reference, tensor)
-    if not reference.is_floating_point():
+
+    def check_all() -> None:
+        check_tensor("theta0", key, reference, reference)
+        for name, tensor in zip(names, tensors, strict=True):
+            check_tensor(name, key, reference, tensor)
+
+    if not reference.is_floating_point() or any(
+        not isinstance(t, Tensor) or t.shape != reference.shape or t.dtype != reference.dtype for t in tensors
+    ):
+        check_all()  # raises on a mismatch; a non-floating key (no values to check) passes
         return reference, None
     # float64 differences of float32 weights are exact, so θ₀ + τ reproduces θᵢ bit for bit after the final cast.
     # Filled in place: one float64 buffer instead of N converted copies, N differences and their stack.
     taus = torch.empty((len(tensors), *reference.shape), dtype=torch.float64, device=reference.device)
     for row, tensor in zip(taus, tensors, strict=True):
         row.copy_(tensor)
-    return reference, taus.sub_(reference)
+    taus.sub_(reference)
+    # One reduction instead of N + 1 isfinite masks: a NaN/inf in θ₀ or any θᵢ makes the float64 sum of the task
+    # vectors non-finite. Only then (or if a huge finite float64 sum overflowed) the per-tensor check runs, to name the
+    # tensor; it raises unless the sum merely overflowed.
+    if not math.isfinite(float(taus.sum())):
+        check_all()
+    return reference, taus
 
 
 def iter_task_vectors(
@@ -233,6 +245,13 @@ def gram(taus: Tensor) -> Tensor:
     """Inner products of one key's task vectors: (N, *shape) -> (N, N) float64 on the CPU."""
     flat = taus.reshape(taus.shape[0], -1)
     return (flat @ flat.T).to(device="cpu", dtype=torch.float64)
+
+
+def is_zero(taus: Tensor, key_gram: Tensor) -> bool:
+    """True if every task vector of one key is zero, given its Gram (N, N): a zero diagonal (‖τᵢ‖² = 0) settles it
+    without another pass over the tensor, except that squares of float64 values below ~1e-154 underflow to 0, so a
+    zero diagonal is confirmed on the tensor itself."""
+    return not bool(key_gram.diagonal().any()) and not bool(taus.any())
 
 
 # -------------------------------------------------------------------------------------------------- diagnostics
@@ -356,6 +375,48 @@ def low_rank_factors(matrices: Tensor, q: int, method: str = "exact") -> tuple[T
     return us, vh
 
 
+# ------------------------------------------------------------------------------------------------ polar factor
+# TSV-M and Iso-C need the orthogonal polar factor U Vᵀ of A = U diag(σ) Vᵀ (and Iso-C its σ), of every singular
+# direction: a low-rank (randomized) SVD cannot give it. `polar: gram` takes it from the eigen-decomposition of the
+# smaller Gram matrix, AᵀA = V diag(σ²) Vᵀ, as A V diag(1/σ) Vᵀ: the same quantity in exact arithmetic, ~2-3× cheaper
+# than an SVD on CPU (a symmetric eigen-solver and three products against a bidiagonalisation and two back-
+# transforms). Squaring A squares its condition number κ, and the error of (AᵀA)^(-1/2) grows like eps·κ², so a
+# matrix with σ_min/σ_max < POLAR_GRAM_MIN_SIGMA_RATIO (float64: eps·κ² ≤ 1e-6 in its weakest direction, ~3e-8 of a
+# 1024-wide U Vᵀ, below the float32 rounding of θ*) is decomposed by the SVD instead; `polar: svd` always uses the SVD
+# (the papers' route). 1e-4 sent most square ViT-L blocks of the benchmark's sums (spiked spectra) to the SVD.
+POLAR_METHODS = ("gram", "svd")
+POLAR_GRAM_MIN_SIGMA_RATIO = 1e-5
+
+
+def polar_factor(matrices: Tensor, method: str = "gram") -> tuple[Tensor, Tensor]:
+    """U Vᵀ and σ (descending) of each matrix A = U diag(σ) Vᵀ: (..., m, n) -> ((..., m, n), (..., min(m, n))).
+
+    In the input's dtype. ``method``: "gram" or "svd" (module comment above `POLAR_METHODS`). With "gram" a matrix
+    whose σ_min/σ_max is below POLAR_GRAM_MIN_SIGMA_RATIO (or that is zero) goes through the SVD, so a rank-deficient
+    matrix gets the SVD's choice of directions for its zero singular values, as with "svd".
+    """
+    check_choice("polar", method, POLAR_METHODS)
+    if method == "svd":
+        u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
+        return u @ vh, s
+    rows, cols = matrices.shape[-2:]
+    tall = rows >= cols
+    small = matrices.mT @ matrices if tall else matrices @ matrices.mT  # (..., r, r), r = min(m, n)
+    eigenvalues, vectors = torch.linalg.eigh(small)  # ascending
+    top = eigenvalues[..., -1:]
+    good = (top[..., 0] > 0) & (eigenvalues[..., 0] > POLAR_GRAM_MIN_SIGMA_RATIO**2 * top[..., 0])
+    sigma = eigenvalues.clamp_min(0).sqrt()
+    inverse_root = (vectors / sigma.clamp_min(torch.finfo(sigma.dtype).tiny)[..., None, :]) @ vectors.mT  # (AᵀA)^-½
+    polar = matrices @ inverse_root if tall else inverse_root @ matrices
+    sigma = sigma.flip(-1)
+    if not bool(good.all()):
+        flat_polar, flat_sigma = polar.reshape(-1, rows, cols), sigma.reshape(-1, min(rows, cols))
+        for index in (~good).reshape(-1).nonzero().squeeze(1).tolist():
+            u, s, vh = torch.linalg.svd(matrices.reshape(-1, rows, cols)[index], full_matrices=False)
+            flat_polar[index], flat_sigma[index] = u @ vh, s
+    return polar, sigma
+
+
 # ------------------------------------------------------------------------------------- baseline mergers' helpers
 # Shared by ties, dare, cart, tsv and iso_c: knob checks, a seed that does not depend on key order, phase timings,
 # a streaming pass that hands each key's name to its combiner, and the diagnostics every merger reports.
@@ -420,11 +481,12 @@ def merge_keys(
     task_gram = torch.zeros(len(names), len(names), dtype=torch.float64)
     backbone, zero_keys = {}, 0
     for key, reference, taus in iter_task_vectors(theta0, specialists, names):
-        if taus is None or not taus.any():
+        key_gram = None if taus is None else gram(taus)
+        if key_gram is None or is_zero(taus, key_gram):
             backbone[key] = reference.clone()
             zero_keys += taus is not None
             continue
-        task_gram += gram(taus)
+        task_gram += key_gram
         backbone[key] = apply_delta(reference, combine(key, taus))
     return StreamedMerge(backbone, task_gram, zero_keys)
 

@@ -22,7 +22,11 @@ treats open_clip's fused `in_proj_weight` as one 3d×d matrix. Here only the wei
 are matrix keys, a fused qkv is three d×d blocks (so fusion does not change the result), and timm's 3-D
 (1 × L × d) `pos_embed` is averaged (τ̄) like every other non-matrix key.
 
-The SVDs run in float32 (weights are float32 or narrower; N + 2 decompositions per matrix); the rest is float64.
+The N truncating SVDs run in float32 (weights are float32 or narrower); the two polar factors are float64, by default
+(`polar: gram`) from the eigen-decomposition of their (Nq × Nq) Gram matrices, ~2-3× faster than their SVDs on CPU and
+the same in exact arithmetic, with the SVD for an ill-conditioned U or V (task_vectors.polar_factor; `polar: svd`
+always). A randomized truncation does not pay here: q = min(m, n)/N is a third of the rank at N = 3, where a sketch
+with power iterations costs as much as the exact SVD (measured on a ViT-L 1024 × 1024 block: 2.2 s against 1.5 s).
 One streaming pass; one key of all N specialists in memory at a time.
 """
 
@@ -36,23 +40,23 @@ from torch import Tensor
 
 from r2m_lab.mergers.contract import ScaledKnobs
 from r2m_lab.mergers.task_vectors import (
+    POLAR_METHODS,
     MergeResult,
+    check_choice,
     is_matrix_key,
     matrix_blocks,
     merge_key_by_key,
+    polar_factor,
 )
 
 StateDict = Mapping[str, Tensor]
 
 
-def polar_factor(matrices: Tensor) -> Tensor:
-    """The orthogonal polar factor P Qᵀ of each matrix A = P S Qᵀ (thin SVD): (..., m, k) -> (..., m, k)."""
-    p, _, qh = torch.linalg.svd(matrices, full_matrices=False)
-    return p @ qh
+def task_singular_vectors_merge(key: str, taus: Tensor, polar: str = "gram") -> tuple[Tensor, int]:
+    """TSV-M on one matrix key: (N, m, n) float64 -> ((m, n) float64 merged, q kept per task and block).
 
-
-def task_singular_vectors_merge(key: str, taus: Tensor) -> tuple[Tensor, int]:
-    """TSV-M on one matrix key: (N, m, n) float64 -> ((m, n) float64 merged, q kept per task and block)."""
+    ``polar``: how the polar factors of the concatenated U and V are computed (`task_vectors.polar_factor`).
+    """
     blocks = matrix_blocks(key, taus).to(torch.float32)  # (N, B, m/B, n)
     n_tasks, n_blocks, rows, cols = blocks.shape
     q = max(1, min(rows, cols) // n_tasks)
@@ -62,15 +66,23 @@ def task_singular_vectors_merge(key: str, taus: Tensor) -> tuple[Tensor, int]:
     u_all = u.permute(1, 2, 0, 3).reshape(n_blocks, rows, n_tasks * q)
     s_all = s.permute(1, 0, 2).reshape(n_blocks, n_tasks * q)
     vh_all = vh.permute(1, 0, 2, 3).reshape(n_blocks, n_tasks * q, cols)
-    u_perp = polar_factor(u_all.to(torch.float64))
-    vh_perp = polar_factor(vh_all.to(torch.float64).mT).mT  # V⊥ᵀ: orthogonalise V (n × Nq), then transpose
+    u_perp = polar_factor(u_all.to(torch.float64), polar)[0]
+    vh_perp = polar_factor(vh_all.to(torch.float64).mT, polar)[0].mT  # V⊥ᵀ: orthogonalise V (n × Nq), transpose
     merged = (u_perp * s_all.to(torch.float64)[:, None, :]) @ vh_perp  # (B, m/B, n)
     return merged.reshape(taus.shape[1:]), q
 
 
 @dataclass(frozen=True)
 class TSV(ScaledKnobs):
-    """TSV-M (module docstring). lam: λ on the merged task vector."""
+    """TSV-M (module docstring). lam: λ on the merged task vector; polar: "gram" | "svd", how the polar factors are
+    computed (`task_vectors.polar_factor`)."""
+
+    polar: str
+
+    def check(self, n_tasks: int | None = None) -> None:
+        """Refuse a λ that is not a finite number, or an unknown polar method."""
+        super().check(n_tasks)
+        check_choice("polar", self.polar, POLAR_METHODS)
 
     def __call__(
         self, theta0: StateDict, specialists: Mapping[str, StateDict], heads: Mapping[str, Mapping[str, Tensor]]
@@ -82,9 +94,9 @@ class TSV(ScaledKnobs):
         def combine(key: str, taus: Tensor) -> Tensor:
             if not (is_matrix_key(key) and taus.ndim == 3):
                 return lam * taus.mean(0)
-            merged, ranks[key] = task_singular_vectors_merge(key, taus)
+            merged, ranks[key] = task_singular_vectors_merge(key, taus, self.polar)
             return lam * merged
 
-        result = merge_key_by_key(theta0, specialists, heads, "tsv", combine, {"lam": lam})
+        result = merge_key_by_key(theta0, specialists, heads, "tsv", combine, {"lam": lam, "polar": self.polar})
         result.diagnostics["kept_rank"] = ranks  # q per task and matrix (per d×d block for a fused qkv)
         return result
