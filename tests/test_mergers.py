@@ -260,11 +260,12 @@ def test_randomized_svd_of_float64_input_is_float64_accurate_and_deterministic(s
     assert us.dtype == vh.dtype == F64 and us.shape == (shape[0], 10) and vh.shape == (10, shape[1])
     us_exact, vh_exact = low_rank_factors(a, 10, "exact")
     exact = us_exact @ vh_exact
-    # float32 range finder + float64 last iteration: measured 2e-11 here. A float32 randomized SVD, and a float32
-    # range finder followed only by a float64 re-orthonormalisation and projection, both stay ~1e-7 off.
-    assert (us @ vh - exact).norm() <= 1e-9 * exact.norm()
+    # float32 range finder (2 power iterations) + float64 finish: measured 4.8e-9 (tall) and 1.6e-8 (wide) here, the
+    # method's own convergence error at 2 iterations (6 iterations gave 2e-11 at 2.3× the time). The same method all
+    # in float32 stays 6.6e-7 and 9.6e-7 off.
+    assert (us @ vh - exact).norm() <= 5e-8 * exact.norm()
     us32, vh32 = low_rank_factors(a.to(torch.float32), 10, "randomized")
-    assert (us32.to(F64) @ vh32.to(F64) - exact).norm() >= 1e-8 * exact.norm()  # so the bound above is not trivial
+    assert (us32.to(F64) @ vh32.to(F64) - exact).norm() >= 3e-7 * exact.norm()  # so the bound above is not trivial
     # seeded per matrix: the same bits on a second call and inside a batch, whatever the neighbours
     again = low_rank_factors(a, 10, "randomized")
     batched = low_rank_factors(torch.stack([decaying_matrix(*shape, ratio=0.5, seed=4), a]), 10, "randomized")

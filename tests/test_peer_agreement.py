@@ -419,11 +419,11 @@ def decaying_near_cancelling_pair(d: int, decay: float, epsilon: float):
 
 
 def test_r2m_randomized_truncation_is_float64_accurate_under_near_cancellation():
-    # d = 96, ρ = 0.1: q = 9 and 9 + 16 oversampling < 96, so the randomized path runs (float32 range finder, float64
-    # last iteration). Decaying spectra: there the randomized truncation equals the exact one to rounding, so what is
-    # left is precision. Measured (η ≈ 3.6e3): 4.7e-8; all-float64 randomized 4e-10, a float32 randomized SVD 1.6e-4,
-    # a float32 range finder with only a float64 re-orthonormalisation and projection 2.4e-5. The error grows with η
-    # (2.2e-7 at η ≈ 1.8e4, epsilon=2e-4), where svd=exact is the accurate choice.
+    # d = 96, ρ = 0.1: q = 9 and 9 + 16 oversampling < 96, so the randomized path runs (float32 range finder with 2
+    # power iterations, float64 finish). Measured (η ≈ 3.6e3): 1.1e-6, mostly the randomized method's convergence
+    # error at 2 iterations (6 iterations: 4.7e-8 at 2.3× the truncation time); a float32 randomized SVD gave 1.6e-4,
+    # a float32 range finder with only a float64 re-orthonormalisation and projection 2.4e-5. The error grows with η,
+    # and the merge warns in this regime: svd=exact is the accurate choice there.
     theta0, specialists = decaying_near_cancelling_pair(d=96, decay=0.9, epsilon=1e-3)
     knobs = {"eta_mode": "relative", "rank_ratio": 0.1}
     result = run("r2m", theta0, specialists, heads_for("ab", 96), svd="randomized", **knobs)
@@ -432,5 +432,5 @@ def test_r2m_randomized_truncation_is_float64_accurate_under_near_cancellation()
     residual = np.concatenate([(result.backbone[k].numpy() - theta0[k].numpy()).ravel() - core[k] for k in theta0])
     expected = eta * np.concatenate([tau_res[k] for k in theta0])
     error = np.linalg.norm(residual - expected) / np.linalg.norm(expected)
-    assert error < 1e-7, error
-    assert result.diagnostics["eta"] == pytest.approx(eta, rel=1e-7)
+    assert error < 3e-6, error
+    assert result.diagnostics["eta"] == pytest.approx(eta, rel=3e-6)

@@ -28,12 +28,14 @@ in every specialist are read in pass 1 only. Extra memory: the float64 factors, 
 backbones.
 
 Precision. Everything runs in float64 and θ* is rounded to θ₀'s dtype once; `svd="exact"` truncates with a float64
-SVD, `svd="randomized"` with a float32 range finder whose last power iteration, projection and small SVD are float64
-(task_vectors.low_rank_factors; ~2× faster than all-float64). The truncation needs float64: with
+SVD, `svd="randomized"` with a float32 range finder (2 power iterations) and a float64 finish: one half iteration,
+which is also the projection, and the small SVD (task_vectors.low_rank_factors). The truncation needs float64: with
 `eta_mode="relative"` and few specialists the norm-matched residuals can nearly cancel (N = 2: r₁ ≈ −r₂,
 ‖τ_res‖/‖τ_core‖ ≈ 1e-4), η = α‖τ_core‖/‖τ_res‖ ≈ 1e4 then amplifies the rounding of the r̂ᵢ by the same factor: a
 float32 SVD (rounding ~1e-7 of ‖r̂ᵢ‖) gave a 4e-3 relative error in η·τ_res, the float64 exact SVD gives ~1e-8 and the
-randomized one ~5e-8 at η ≈ 4e3 on decaying spectra (its error grows with η; svd=exact is the accurate choice there).
+randomized one ~1e-6 at η ≈ 4e3 on decaying spectra, mostly its convergence error (its error grows with η; svd=exact
+is the accurate choice there). Without near cancellation (e.g. eta_mode=fixed, the selection grid's η ≤ 12) the
+relative error of η·τ_res is that of the truncation, ~1e-8 on decaying spectra, far below the float32 rounding of θ*.
 A merge in that regime still logs a warning (‖τ_res‖ < NEAR_CANCELLATION·‖τ_core‖ = 1e-3 with `relative`, i.e.
 η > 1e3·α): η·τ_res is then mostly the difference of nearly equal residuals, which amplifies any noise in them.
 
@@ -285,7 +287,7 @@ def _pass2(
             rows, cols = blocks.shape[-2:]
             q = acc.kept_rank[key] = kept_rank(rows, cols, rank_ratio)
             if q < min(rows, cols):  # ρ = 1 keeps everything: nothing to store, pass 3 rebuilds rᵢ exactly
-                # float64 factors (float32 sketch, float64 finish if randomized): "Precision" in the module docstring.
+                # float64 factors (float32 range finder, float64 finish if randomized): docstring, "Precision".
                 started = time.perf_counter()
                 us, vh = low_rank_factors(blocks, q, svd)  # (N, B, m, q), (N, B, q, n) float64
                 acc.truncation_s += time.perf_counter() - started
