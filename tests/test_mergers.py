@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.testing import assert_close
 
-from r2m_lab.mergers import MergeResult, load_merger, merger_names, r2m
+from r2m_lab.mergers import MergeResult, load_merger, merger_names, r2m, task_vectors
 from r2m_lab.mergers.task_vectors import (
     average_heads,
     check_compatible,
@@ -329,6 +329,34 @@ def test_iso_c_and_tsv_polar_by_gram_agree_with_the_svd():
             delta = by_svd.backbone[key] - theta0[key]
             error = (by_gram.backbone[key] - by_svd.backbone[key]).norm()
             assert error <= 1e-9 * delta.norm() + 1e-15, (name, key)
+
+
+def test_elementwise_merge_in_chunks_is_the_whole_key_merge_bit_for_bit(monkeypatch):
+    # chunks of 7 entries: every key but the smallest spans several chunks, the last one partial
+    monkeypatch.setattr(task_vectors, "ELEMENTWISE_CHUNK", 7)
+    theta0 = toy_theta0(d=6)
+    specialists = {f: perturbed(theta0, s) for f, s in [("a", 1), ("b", 2), ("c", 3)]}
+    for sd in specialists.values():
+        sd["blocks.0.norm1.weight"] = theta0["blocks.0.norm1.weight"].clone()  # a key no specialist changed
+    heads = heads_for(specialists, 6)
+    for combine in (lambda _key, taus: taus.mean(0), lambda _key, taus: 0.3 * taus.sum(0)):
+        chunked = task_vectors.merge_key_by_key(theta0, specialists, heads, "x", combine, elementwise=True)
+        whole = task_vectors.merge_key_by_key(theta0, specialists, heads, "x", combine)
+        assert_same_backbone(chunked.backbone, whole.backbone)
+        assert chunked.diagnostics["n_zero_keys"] == whole.diagnostics["n_zero_keys"] == 1
+        norms = chunked.diagnostics["task_vector_norms"]
+        assert norms == pytest.approx(whole.diagnostics["task_vector_norms"], rel=1e-12)
+        assert_close(
+            torch.tensor(chunked.diagnostics["task_vector_cosines"]),
+            torch.tensor(whole.diagnostics["task_vector_cosines"]),
+            rtol=0,
+            atol=1e-12,
+        )
+    broken = dict(specialists["b"])
+    broken["blocks.0.mlp.fc1.weight"] = broken["blocks.0.mlp.fc1.weight"].clone()
+    broken["blocks.0.mlp.fc1.weight"][5, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"specialist 'b': key 'blocks.0.mlp.fc1.weight' has 1 non-finite"):
+        run("average", theta0, {**specialists, "b": broken}, heads)
 
 
 def test_task_vector_norms_and_cosines_by_hand():

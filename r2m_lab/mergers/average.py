@@ -26,5 +26,8 @@ class Average(Knobs):
         heads: Mapping[str, Mapping[str, Tensor]],
     ) -> MergeResult:
         """θ₀ + mean τᵢ on every key (one streaming pass), heads averaged."""
-        # mean = sum / N (not Σ τᵢ/N), so N identical specialists give that specialist exactly.
-        return merge_key_by_key(theta0, specialists, heads, "average", lambda _key, taus: taus.mean(0))
+        # mean = sum / N (not Σ τᵢ/N), so N identical specialists give that specialist exactly; elementwise: merged in
+        # cache-sized chunks of each key (`merge_keys`).
+        return merge_key_by_key(
+            theta0, specialists, heads, "average", lambda _key, taus: taus.mean(0), elementwise=True
+        )

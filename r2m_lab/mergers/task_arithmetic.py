@@ -28,5 +28,11 @@ class TaskArithmetic(ScaledKnobs):
         """θ₀ + λ Σᵢ τᵢ on every key (one streaming pass), heads averaged."""
         lam = float(self.lam)
         return merge_key_by_key(
-            theta0, specialists, heads, "task_arithmetic", lambda _key, taus: lam * taus.sum(0), {"lam": lam}
+            theta0,
+            specialists,
+            heads,
+            "task_arithmetic",
+            lambda _key, taus: lam * taus.sum(0),
+            {"lam": lam},
+            elementwise=True,
         )

@@ -16,6 +16,7 @@ Conventions shared by all mergers (see `shared/design/merging.md`):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -489,21 +490,85 @@ class StreamedMerge:
     n_zero_keys: int  # floating keys whose τ is zero in every specialist (copied from θ₀)
 
 
+# An elementwise combiner (averaging, task arithmetic) is applied to a key on the CPU in chunks of this many entries, so
+# the (N, chunk) float64 task vectors stay in cache from the float64 copy through the difference, the Gram, the
+# combination and the rounding, instead of six passes over (N, P) float64 arrays in memory (measured on a 4096 × 1024
+# key, N = 3, one thread: 52 ms against 280 ms).
+ELEMENTWISE_CHUNK = 1 << 16
+
+
+def _merge_key_in_chunks(
+    reference: Tensor, tensors: Sequence[Tensor], combine: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """θ₀[key] + combine(τ) for an elementwise ``combine`` ((N, c) float64 -> (c,) float64), chunk by chunk.
+
+    Returns (θ*[key] in θ₀'s dtype, the key's Gram (N, N) float64, the float64 sum of all its task-vector entries, a
+    finiteness check). Each entry is computed exactly as `apply_delta(reference, combine(τ stack))` computes it.
+    """
+    flat_reference = reference.reshape(-1)
+    flats = [tensor.reshape(-1) for tensor in tensors]
+    size = flat_reference.numel()
+    merged = torch.empty_like(flat_reference)
+    key_gram = torch.zeros(len(tensors), len(tensors), dtype=torch.float64)
+    checksum = torch.zeros((), dtype=torch.float64)
+    buffer = torch.empty(len(tensors), min(size, ELEMENTWISE_CHUNK), dtype=torch.float64)
+    for start in range(0, size, ELEMENTWISE_CHUNK):
+        stop = min(size, start + ELEMENTWISE_CHUNK)
+        taus = buffer[:, : stop - start]  # (N, c)
+        for row, flat in zip(taus, flats, strict=True):
+            row.copy_(flat[start:stop])
+        base = flat_reference[start:stop].to(torch.float64)
+        taus.sub_(base)
+        checksum += taus.sum()
+        key_gram += taus @ taus.T
+        merged[start:stop] = base.add_(combine(taus))  # = (θ₀ in float64 + δ), rounded once to θ₀'s dtype
+    return merged.reshape(reference.shape), key_gram, checksum
+
+
 def merge_keys(
     theta0: StateDict,
     specialists: Mapping[str, StateDict],
     names: Sequence[str],
     combine: Callable[[str, Tensor], Tensor],
+    elementwise: bool = False,
 ) -> StreamedMerge:
     """The one streaming loop: θ*[key] = θ₀[key] + combine(key, τ stack (N, *shape) float64), keys in θ₀'s order.
 
     The combiner gets the key (per-matrix methods split a fused qkv, DARE seeds its mask by key). Keys whose τ is
     zero in every specialist and non-floating keys are copied from θ₀ bit for bit. Single-pass mergers call it
     through `merge_key_by_key`; multi-pass ones (TIES' thresholds first) call it for their last pass.
+    ``elementwise``: the combiner only reduces over the task axis (entry p of the result depends on entry p of each
+    τᵢ alone, and not on the key's shape), so on the CPU it gets (N, c) chunks of the flattened key instead
+    (ELEMENTWISE_CHUNK; the result is the same bits, the Gram differs by float64 rounding).
     """
     task_gram = torch.zeros(len(names), len(names), dtype=torch.float64)
     backbone, zero_keys = {}, 0
-    for key, reference, taus in iter_task_vectors(theta0, specialists, names):
+    for key in theta0:
+        reference = theta0[key]
+        tensors = [specialists[name][key] for name in names]
+        if (
+            elementwise
+            and reference.device.type == "cpu"
+            and reference.is_floating_point()
+            and all(
+                isinstance(t, Tensor) and t.shape == reference.shape and t.dtype == reference.dtype for t in tensors
+            )
+            and all(t.device == reference.device for t in tensors)
+        ):
+            merged, key_gram, checksum = _merge_key_in_chunks(reference, tensors, functools.partial(combine, key))
+            if not math.isfinite(float(checksum)):  # a NaN/inf somewhere (or an overflowing sum): name the tensor
+                check_tensor("theta0", key, reference, reference)
+                for name, tensor in zip(names, tensors, strict=True):
+                    check_tensor(name, key, reference, tensor)
+            # τ = 0 exactly where θᵢ = θ₀ (float64 differences of θ₀'s dtype are exact), as `is_zero` decides it
+            if not bool(key_gram.diagonal().any()) and all(torch.equal(t, reference) for t in tensors):
+                backbone[key] = reference.clone()
+                zero_keys += 1
+                continue
+            task_gram += key_gram
+            backbone[key] = merged
+            continue
+        reference, taus = read_task_vectors(theta0, specialists, names, key)
         key_gram = None if taus is None else gram(taus)
         if key_gram is None or is_zero(taus, key_gram):
             backbone[key] = reference.clone()
@@ -545,18 +610,20 @@ def merge_key_by_key(
     combine: Callable[[str, Tensor], Tensor],
     hyperparameters: Mapping[str, Any] | None = None,
     timer: PhaseTimer | None = None,
+    elementwise: bool = False,
 ) -> MergeResult:
     """A single-pass merger from its combiner: checks, one `merge_keys` pass, averaged heads, shared diagnostics.
 
     ``combine(key, taus)`` maps one key's (N, *shape) float64 task-vector stack to its merged delta (*shape). The
     keys and heads are checked before the first tensor is read. ``timer`` (started by the caller when it did work
-    before the pass) gets the phase "merge". Method-specific facts go into the result's diagnostics afterwards.
+    before the pass) gets the phase "merge". ``elementwise``: see `merge_keys`. Method-specific facts go into the
+    result's diagnostics afterwards.
     """
     timer = timer or PhaseTimer()
     names = family_names(specialists)
     check_keys(theta0, specialists)
     check_heads(heads, names)
-    streamed = merge_keys(theta0, specialists, names, combine)
+    streamed = merge_keys(theta0, specialists, names, combine, elementwise)
     timer.tick("merge")
     diagnostics = merge_diagnostics(
         merger,
