@@ -45,7 +45,7 @@ ARCHS = {
 }
 DEFAULT_ARCHS = ("clip_vit_b16", "clip_vit_l14")
 MERGE_TARGETS = {"clip_vit_l14": {3: {"r2m": {"seconds": 60.0, "rss_gb": 3.5}}}}  # issue 3's CPU targets
-READ_FACTOR_TARGET = 3.0  # averaging and TIES: within 3× of a plain read of all N files
+READ_FACTOR_TARGET = 3.0  # averaging and TIES: total within 3× of a plain read of all N + 1 files plus writing one
 FIXTURE_VERSION = 1  # bump when the fixture recipe changes, so cached files are rebuilt
 TAU_SCALE = 1e-3
 TAU_RANK = 8
@@ -128,7 +128,13 @@ def _merger_fn(name: str, overrides: Sequence[str], n_tasks: int) -> Any:
 
 
 def run_job(merger: str, base: Path, specialists: Sequence[Path], device: str, overrides: Sequence[str]) -> dict:
-    """One measurement, in this process: read (merger="read") or merge + save. Returns timings in seconds."""
+    """One measurement, in this process: read (merger="read") or merge + save. Returns timings in seconds.
+
+    setup_s: opening the N + 1 checkpoints (their headers; tensors are read lazily) and, for a merger, composing its
+    Hydra config and building it, as ``stage=merge`` does. merge_s: the merger's call (reading every tensor it needs
+    and the arithmetic; for "read", reading every tensor once). save_s: writing the merged detector. total_s: all
+    three, the merge as a user of ``stage=merge`` waits for it (imports and interpreter start excluded).
+    """
     import torch
 
     from r2m_lab.memory import reuse_freed_memory
@@ -140,23 +146,35 @@ def run_job(merger: str, base: Path, specialists: Sequence[Path], device: str, o
     theta0 = Checkpoint(base, device=device)
     opened = {p.stem: Checkpoint(p, device=device) for p in specialists}
     if merger == "read":
+        setup = time.perf_counter()
         total = 0.0
         for ckpt in [theta0, *opened.values()]:
             for key in ckpt.backbone:
                 total += float(ckpt.backbone[key].float().sum())  # touches every byte (tensors view the file)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return {"merge_s": time.perf_counter() - start, "save_s": 0.0, "peak_rss_gb": _peak_rss_gb()}
+        done = time.perf_counter()
+        return {
+            "setup_s": setup - start,
+            "merge_s": done - setup,
+            "save_s": 0.0,
+            "total_s": done - start,
+            "peak_rss_gb": _peak_rss_gb(),
+        }
     fn = _merger_fn(merger, overrides, len(opened))
+    setup = time.perf_counter()
     result = fn(theta0.backbone, {n: c.backbone for n, c in opened.items()}, {n: c.head for n, c in opened.items()})
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     merged = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=base.parent) as tmp:
         save_detector(Path(tmp) / "merged.safetensors", result.backbone, result.head, {"kind": "merged"})
+    done = time.perf_counter()
     return {
-        "merge_s": merged - start,
-        "save_s": time.perf_counter() - merged,
+        "setup_s": setup - start,
+        "merge_s": merged - setup,
+        "save_s": done - merged,
+        "total_s": done - start,
         "phases_s": result.diagnostics.get("timings_s", {}),
         "peak_rss_gb": _peak_rss_gb(),
     }
@@ -196,19 +214,23 @@ def _measure(merger: str, base: Path, specialists: Sequence[Path], device: str, 
 
 # ------------------------------------------------------------------------------------------------------- report
 def _verdicts(rows: list[dict]) -> None:
-    reads = {(r["arch"], r["n"]): r["merge_s"] for r in rows if r["merger"] == "read"}
+    """Targets, on the merge as a user waits for it: total_s (setup + merge + save). "× read": the merger's call
+    against the read row's reading alone; "× read+write": total_s against the read row's total (open + read) plus
+    this row's save (writing one file), the issue's "reading the N + 1 files and writing one"."""
+    reads = {(r["arch"], r["n"]): r for r in rows if r["merger"] == "read"}
     for r in rows:
         checks = []
         target = MERGE_TARGETS.get(r["arch"], {}).get(r["n"], {}).get(r["merger"])
         if target and r["device"] == "cpu":
-            checks.append(f"≤ {target['seconds']:.0f} s: {'yes' if r['merge_s'] <= target['seconds'] else 'NO'}")
+            checks.append(f"≤ {target['seconds']:.0f} s: {'yes' if r['total_s'] <= target['seconds'] else 'NO'}")
             checks.append(f"≤ {target['rss_gb']} GB: {'yes' if r['peak_rss_gb'] <= target['rss_gb'] else 'NO'}")
         read = reads.get((r["arch"], r["n"]))
         if read and r["merger"] != "read":
-            r["x_read"] = r["merge_s"] / read
+            r["x_read"] = r["merge_s"] / read["merge_s"]
+            r["x_read_write"] = r["total_s"] / (read["total_s"] + r["save_s"])
             if r["merger"] in ("average", "ties"):
-                ok = "yes" if r["x_read"] <= READ_FACTOR_TARGET else "NO"
-                checks.append(f"≤ {READ_FACTOR_TARGET:.0f}× read: {ok}")
+                ok = "yes" if r["x_read_write"] <= READ_FACTOR_TARGET else "NO"
+                checks.append(f"≤ {READ_FACTOR_TARGET:.0f}× read+write: {ok}")
         r["targets"] = "; ".join(checks)
 
 
@@ -217,18 +239,24 @@ def markdown(rows: list[dict], machine: dict) -> str:
         "# Merge benchmark",
         "",
         f"Machine: {machine['cpus']} CPU cores, {machine['platform']}, torch {machine['torch']}, "
-        f"device {machine['device']}. Merge time includes reading the specialists; save is separate; peak RSS is "
-        "the whole child process (interpreter and torch included).",
+        f"device {machine['device']}. Setup: opening the checkpoints and composing the merger's Hydra config. Merge: "
+        "the merger's call, reading the specialists included. Total = setup + merge + save, what a user of "
+        "stage=merge waits for; the targets are on it. × read: merge against reading every tensor once; × read+write: "
+        "total against the read row's total plus this row's save. Peak RSS is the whole child process (interpreter and "
+        "torch included).",
         "",
-        "| backbone | N | merger | merge s | × read | save s | peak RSS GB | targets | merger's phases s |",
-        "|---|---:|---|---:|---:|---:|---:|---|---|",
+        "| backbone | N | merger | setup s | merge s | × read | save s | total s | × read+write | peak RSS GB "
+        "| targets | merger's phases s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         x_read = f"{r['x_read']:.2f}" if "x_read" in r else ""
+        x_read_write = f"{r['x_read_write']:.2f}" if "x_read_write" in r else ""
         phases = ", ".join(f"{k} {v:.1f}" for k, v in r.get("phases_s", {}).items() if k != "total")
         lines.append(
-            f"| {r['arch']} | {r['n']} | {r['merger']} | {r['merge_s']:.2f} | {x_read} | {r['save_s']:.2f} | "
-            f"{r['peak_rss_gb']:.2f} | {r.get('targets', '')} | {phases} |"
+            f"| {r['arch']} | {r['n']} | {r['merger']} | {r['setup_s']:.2f} | {r['merge_s']:.2f} | {x_read} | "
+            f"{r['save_s']:.2f} | {r['total_s']:.2f} | {x_read_write} | {r['peak_rss_gb']:.2f} | "
+            f"{r.get('targets', '')} | {phases} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -279,7 +307,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.info("%s N=%d %s ...", arch, n, merger)
                 row = _measure(merger, base, all_specialists[:n], args.device, args.override)
                 row.update(arch=arch, n=n, merger=merger, device=args.device)
-                log.info("  %.2f s, save %.2f s, peak RSS %.2f GB", row["merge_s"], row["save_s"], row["peak_rss_gb"])
+                log.info(
+                    "  setup %.2f s, merge %.2f s, save %.2f s, peak RSS %.2f GB",
+                    row["setup_s"],
+                    row["merge_s"],
+                    row["save_s"],
+                    row["peak_rss_gb"],
+                )
                 rows.append(row)
                 # rewritten after every job: an interrupted benchmark keeps what it measured
                 _verdicts(rows)

@@ -18,7 +18,13 @@ def test_bench_merge_smoke(tmp_path):
     assert set(rows) == {"read", "average", "r2m"}
     for row in rows.values():
         assert row["merge_s"] > 0 and 0.1 < row["peak_rss_gb"] < 24, row
+        # setup (open, compose the config) is reported apart from the merge; the total is what a user waits for
+        assert row["setup_s"] > 0 and row["total_s"] == pytest.approx(row["setup_s"] + row["merge_s"] + row["save_s"])
     assert rows["r2m"]["phases_s"]["pass2_residuals"] > 0 and rows["average"]["x_read"] > 0
+    read = rows["read"]
+    expected = rows["average"]["total_s"] / (read["total_s"] + rows["average"]["save_s"])
+    assert rows["average"]["x_read_write"] == pytest.approx(expected)
+    assert "read+write: " in rows["average"]["targets"]
     assert "| vit_tiny | 2 | r2m |" in (tmp_path / "merge_report.md").read_text()
     # the fixtures are cached: a second run reuses the specialists it wrote
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "fixtures").rglob("*.safetensors")}
