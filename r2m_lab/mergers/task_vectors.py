@@ -545,16 +545,15 @@ def merge_keys(
     backbone, zero_keys = {}, 0
     for key in theta0:
         reference = theta0[key]
-        tensors = [specialists[name][key] for name in names]
-        if (
-            elementwise
-            and reference.device.type == "cpu"
-            and reference.is_floating_point()
-            and all(
-                isinstance(t, Tensor) and t.shape == reference.shape and t.dtype == reference.dtype for t in tensors
-            )
-            and all(t.device == reference.device for t in tensors)
-        ):
+        if elementwise and reference.device.type == "cpu" and reference.is_floating_point():
+            tensors = [specialists[name][key] for name in names]  # each read once, as `read_task_vectors` reads them
+            if not all(
+                isinstance(t, Tensor) and t.shape == reference.shape and t.dtype == reference.dtype and t.is_cpu
+                for t in tensors
+            ):
+                for name, tensor in zip(names, tensors, strict=True):
+                    check_tensor(name, key, reference, tensor)  # raises on a shape or dtype mismatch
+                raise ValueError(f"key {key!r}: some specialist's tensor is not on theta0's device (cpu)")
             merged, key_gram, checksum = _merge_key_in_chunks(reference, tensors, functools.partial(combine, key))
             if not math.isfinite(float(checksum)):  # a NaN/inf somewhere (or an overflowing sum): name the tensor
                 check_tensor("theta0", key, reference, reference)
