@@ -334,7 +334,8 @@ def test_iso_c_and_tsv_polar_by_gram_agree_with_the_svd():
 def test_elementwise_merge_in_chunks_is_the_whole_key_merge_bit_for_bit(monkeypatch):
     # chunks of 7 entries: every key but the smallest spans several chunks, the last one partial
     monkeypatch.setattr(task_vectors, "ELEMENTWISE_CHUNK", 7)
-    theta0 = toy_theta0(d=6)
+    theta0 = toy_theta0(d=6, dtypes={"blocks.0.mlp.fc1.weight": F64, "pos_embed": F64})  # float64 keys too
+    pristine = {k: v.clone() for k, v in theta0.items()}
     specialists = {f: perturbed(theta0, s) for f, s in [("a", 1), ("b", 2), ("c", 3)]}
     for sd in specialists.values():
         sd["blocks.0.norm1.weight"] = theta0["blocks.0.norm1.weight"].clone()  # a key no specialist changed
@@ -352,6 +353,7 @@ def test_elementwise_merge_in_chunks_is_the_whole_key_merge_bit_for_bit(monkeypa
             rtol=0,
             atol=1e-12,
         )
+    assert_same_backbone(theta0, pristine)  # θ₀ is read, never written (a float64 θ₀ chunk is not a scratch buffer)
     broken = dict(specialists["b"])
     broken["blocks.0.mlp.fc1.weight"] = broken["blocks.0.mlp.fc1.weight"].clone()
     broken["blocks.0.mlp.fc1.weight"][5, 2] = float("nan")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.testing import assert_close
 
-from r2m_lab.mergers import dare, r2m, ties
+from r2m_lab.mergers import dare, r2m, task_vectors, ties
 from r2m_lab.mergers.task_vectors import fuse_qkv, split_qkv
 from tests.test_mergers import heads_for, perturbed, run, toy_theta0
 
@@ -134,9 +134,12 @@ def ties_case(seed: int = 0) -> tuple[dict[str, Tensor], dict[str, dict[str, Ten
     return theta0, {f: {k: theta0[k] + d for k, d in deltas.items()} for f, deltas in specialists.items()}
 
 
+@pytest.mark.parametrize("chunk", [None, 2])  # 2: the merge pass takes each key 2 entries at a time
 @pytest.mark.parametrize("merge_fn", ties.MERGE_FNS)
 @pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 1.0])
-def test_ties_global_matches_the_authors_algorithm(density, merge_fn):
+def test_ties_global_matches_the_authors_algorithm(density, merge_fn, chunk, monkeypatch):
+    if chunk is not None:  # the planted entries (flat 0..2 of fc1) then span two chunks: their indices need offsets
+        monkeypatch.setattr(task_vectors, "ELEMENTWISE_CHUNK", chunk)
     theta0, specialists = ties_case()
     result = run("ties", theta0, specialists, heads_for("abcd"), density=density, lam=0.8, merge_fn=merge_fn)
     expected = authors_ties(flat_taus(theta0, specialists), density, 0.8, merge_fn)

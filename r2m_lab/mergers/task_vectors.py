@@ -517,7 +517,7 @@ def _merge_key_in_chunks(
         taus = buffer[:, : stop - start]  # (N, c)
         for row, flat in zip(taus, flats, strict=True):
             row.copy_(flat[start:stop])
-        base = flat_reference[start:stop].to(torch.float64)
+        base = flat_reference[start:stop].to(torch.float64, copy=True)  # a copy even for float64 θ₀: added to below
         taus.sub_(base)
         checksum += taus.sum()
         key_gram += taus @ taus.T

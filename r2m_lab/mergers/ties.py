@@ -235,12 +235,15 @@ def disjoint_merge(trimmed: Tensor, elected: Tensor, merge_fn: str) -> Tensor:
     return total / selected.sum(0).clamp_min(1)
 
 
-def elect_and_merge(trimmed: Tensor, merge_fn: str, stats: TrimStats | None = None, key: str | None = None) -> Tensor:
+def elect_and_merge(
+    trimmed: Tensor, merge_fn: str, stats: TrimStats | None = None, key: str | None = None, offset: int = 0
+) -> Tensor:
     """Steps 2-3 on one key: (N, *shape) trimmed task vectors -> (*shape) merged τ* (before λ).
 
     Where Σᵢ τ̂ᵢ = 0 exactly the sign is not known yet (the majority of the whole task vector decides it): the value
     returned there is the negative-sign one, and with ``stats`` and ``key`` the positive-sign one is stored in
-    ``stats.undecided[key]`` for `ties_merge` to patch in once the majority is known.
+    ``stats.undecided[key]`` for `ties_merge` to patch in once the majority is known. ``trimmed`` may be a chunk
+    (N, c) of the flattened key starting at entry ``offset``: the stored indices are the key's flat indices.
     """
     signs = torch.sign(trimmed)
     elected = torch.sign(trimmed.sum(0))
@@ -257,7 +260,11 @@ def elect_and_merge(trimmed: Tensor, merge_fn: str, stats: TrimStats | None = No
             index = undecided.nonzero().squeeze(1)  # (U,)
             flat = trimmed.reshape(trimmed.shape[0], -1)[:, index]  # (N, U)
             positive = disjoint_merge(flat, torch.ones(index.numel(), dtype=flat.dtype, device=flat.device), merge_fn)
-            stats.undecided[key] = (index.cpu(), positive.cpu())
+            index, positive = index.cpu() + offset, positive.cpu()
+            if key in stats.undecided:  # an earlier chunk of this key had some too
+                earlier_index, earlier_positive = stats.undecided[key]
+                index, positive = torch.cat([earlier_index, index]), torch.cat([earlier_positive, positive])
+            stats.undecided[key] = (index, positive)
     return merged
 
 
@@ -324,14 +331,21 @@ def ties_merge(
         def key_thresholds(taus: Tensor) -> Tensor:
             return per_tensor_thresholds(taus, density)
 
+    # With global thresholds and no transform, trimming, election and the disjoint merge are elementwise: the merge
+    # pass then takes each key in cache-sized chunks (`merge_keys`), entry p of a chunk at flat index offset + p.
+    elementwise = trim_scope == "global" and transform is None
+    offsets: dict[str, int] = {}
+
     def combine(key: str, taus: Tensor) -> Tensor:
         taus = transform(key, taus) if transform else taus
         t = key_thresholds(taus)
         if trim_scope == "per_tensor":
             per_key[key] = dict(zip(names, t.tolist(), strict=True))
-        return lam * elect_and_merge(trim(taus, t), merge_fn, stats, key)
+        offset = offsets.get(key, 0)
+        offsets[key] = offset + taus[0].numel()
+        return lam * elect_and_merge(trim(taus, t), merge_fn, stats, key, offset)
 
-    streamed = merge_keys(theta0, specialists, names, combine)
+    streamed = merge_keys(theta0, specialists, names, combine, elementwise)
     zero_sign_entries = resolve_undecided(streamed.backbone, theta0, stats, lam)
     timer.tick("merge")
     hp = dict(hyperparameters) if hyperparameters is not None else {}
