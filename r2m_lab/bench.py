@@ -5,9 +5,10 @@ Not a test: it writes ``<out>/merge_report.{md,json}`` and prints the Markdown t
 specialists θᵢ = θ₀ + τᵢ as r2m_lab detector checkpoints (cached under ``<out>/fixtures``), then runs each merger in a
 fresh subprocess exactly as ``stage=merge`` does: the merger's config composed from ``conf/merger/<name>.yaml``
 (every merger there by default, `r2m_lab.mergers.merger_names`), specialists streamed from their safetensors files,
-the merged detector saved atomically. The child's peak RSS (VmHWM) covers the interpreter, the reads, the merge and
-the save; a "read" row (every tensor of the N + 1 files read once and dropped) is the floor that merges reading the
-files once are compared with.
+the merged detector saved atomically. Each row times the setup (opening the checkpoints, composing the merger's
+config), the merger's call and the save apart; their sum is what a user waits for and what the targets judge. The
+child's peak RSS (VmHWM) covers the interpreter, the reads, the merge and the save; a "read" row (every tensor of
+the N + 1 files read once and dropped) is the floor that merges reading the files once are compared with.
 
 The task vectors are a shared random direction plus an individual one per specialist, each a low-rank matrix plus
 dense noise on the matrix keys (fine-tuning updates are approximately low-rank), at 1e-3 of θ₀'s scale, so R²M's

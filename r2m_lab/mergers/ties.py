@@ -31,8 +31,10 @@ pattern, read as an int64, orders like its value. Pass 1 histograms the top 19 b
 bits, 8 mantissa bits: 2¹⁹ bins, each 1/256 of an octave wide) per task, with exact int64 counts; the bin that holds
 the k-th largest value follows from the cumulative counts from the top. Pass 2 gathers only the entries that fall in
 that bin (≈0.3 % of D for fine-tune-like magnitudes) and takes the exact (k − count above)-th largest among them.
-Pass 3 trims with those thresholds and merges, key by key; the few entries whose elected sign is 0 remember their
-positive-sign value and are patched once the majority sign is known at the end of the pass. Each specialist is read
+Pass 3 trims with those thresholds and merges, key by key, each key in cache-sized chunks of its flattened entries
+(task_vectors.merge_keys, elementwise: trimming, election and the disjoint merge only look across tasks); the few
+entries whose elected sign is 0 remember their positive-sign value and are patched once the majority sign is known at
+the end of the pass. Each specialist is read
 three times (once with `trim_scope="per_tensor"`, where every threshold is local to its key).
 """
 
