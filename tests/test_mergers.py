@@ -244,6 +244,17 @@ def test_randomized_svd_is_near_optimal_on_a_flat_spectrum_and_leaves_global_rng
     assert torch.equal(again[0] @ again[1], us @ vh)  # seeded: deterministic
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_randomized_svd_of_zero_and_rank_deficient_matrices_is_exact(dtype):
+    # rank 3 < q + oversampling: the range finder's products are singular (a LoRA-like or a zero residual)
+    g = torch.Generator().manual_seed(2)
+    low = (torch.randn(200, 3, generator=g, dtype=F64) @ torch.randn(3, 120, generator=g, dtype=F64)).to(dtype)
+    for a in (low, low.mT, torch.zeros(200, 120, dtype=dtype)):
+        us, vh = low_rank_factors(a, 10, "randomized")
+        assert torch.isfinite(us).all() and torch.isfinite(vh).all()
+        assert (us @ vh - a).norm() <= (1e-5 if dtype == torch.float32 else 1e-12) * max(float(a.norm()), 1.0)
+
+
 def decaying_matrix(rows: int, cols: int, ratio: float, seed: int) -> Tensor:
     """A float64 (rows, cols) matrix with singular values ratioʲ (j = 0, 1, ...) and random singular vectors."""
     g = torch.Generator().manual_seed(seed)

@@ -328,7 +328,9 @@ def _range_basis(matrix: Tensor) -> Tensor:
     """A well-conditioned basis of the column space of ``matrix`` (m, k), m ≥ k, for the next product of a power
     iteration: P·L of its pivoted LU factorisation (half the work of a Householder QR and no Q to form; |Lᵢⱼ| ≤ 1, so
     the columns do not collapse onto the top singular direction). Not orthonormal: only its span is used."""
-    factors, pivots = torch.linalg.lu_factor(matrix)
+    # _ex: no error on a rank-deficient matrix (a zero or low-rank residual): LAPACK then leaves the zero column of the
+    # elimination unscaled, and the unit-diagonal L still spans range(matrix) plus arbitrary bounded directions
+    factors, pivots, _ = torch.linalg.lu_factor_ex(matrix)
     rows, cols = matrix.shape
     lower = factors.tril(-1) + torch.eye(rows, cols, dtype=matrix.dtype, device=matrix.device)  # (m, k), unit diagonal
     order = list(range(rows))  # LAPACK's pivots are successive row swaps (1-based): P·L puts row i of L at order[i]
