@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -28,7 +29,14 @@ from r2m_lab.stages.config_nodes import plain
 from r2m_lab.stages.evaluate import evaluate_models, write_report
 from r2m_lab.stages.families import chosen_families, restrict_benchmark
 from r2m_lab.stages.finetune import train_detector
-from r2m_lab.stages.merge import SELECTION_SPLIT, merge_specialists, open_specialists, select_and_merge
+from r2m_lab.stages.merge import (
+    SELECTION_SPLIT,
+    merge_specialists,
+    open_specialists,
+    select_and_merge,
+    validation_frames,
+    validation_scorer,
+)
 from r2m_lab.stages.merger_config import merger_hparams, merger_name, validate_merger
 from r2m_lab.stages.rows import merger_row, reference_row, specialist_row, theta0_entry
 from r2m_lab.stages.screen import screen, screen_mode
@@ -238,16 +246,27 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
     rows = {f"specialist:{key}": specialist_row(key) for key in families}
     rows.update({r: reference_row(families) for r in plan.reference_rows})
     merge_cards = {}
+    val_scorer = validation_scorer(cfg, validation_frames(cfg, split)) if plan.grids else None  # one decode for all
     for label, merger_cfg in plan.mergers.items():
         if label in plan.grids:
             card = timed(
-                f"merge/{label}", select_and_merge, cfg, merger_cfg, plan.grids[label], split, reuse, label=label
+                f"merge/{label}",
+                select_and_merge,
+                cfg,
+                merger_cfg,
+                plan.grids[label],
+                split,
+                reuse,
+                label=label,
+                scorer=val_scorer,
             )
         else:
             card = timed(f"merge/{label}", merge_specialists, cfg, merger_cfg, reuse)
         merge_cards[label] = {k: card[k] for k in ("hparams", "merge_seconds", "diagnostics", "selection") if k in card}
         rows[label] = merger_row(card, families, variant=label if label in plan.variants else None)
         checkpoints[label] = Path(card.get("checkpoint_path", merged_path(cfg, merger_cfg)))
+
+    del val_scorer  # its decoded validation batches: the evaluation decodes every set anew
 
     members = [m for m in checkpoints if m.startswith("specialist:")]
     ensemble = "ensemble" in plan.reference_rows
@@ -276,6 +295,7 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         "reference_rows": references,
         "screening": screening,
         "timings_seconds": timings,
+        "threads": torch.get_num_threads(),  # CPU threads of this process (the `threads` knob): timings depend on it
         "config": plain(cfg),
     }
     metrics = write_report(
