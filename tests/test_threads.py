@@ -30,7 +30,28 @@ def test_apply_threads_sets_a_count_and_auto_leaves_it():
         torch.set_num_threads(before)
 
 
-def test_threads_default_is_the_backbones_choice(tmp_path):
-    assert compose_config(tmp_path, smoke=False).threads == 1  # backbone=tiny: one thread per process
-    assert compose_config(tmp_path, ["backbone=clip_vit_b16"], smoke=False).threads == "auto"
+def test_threads_default_is_auto_and_takes_a_count(tmp_path):
+    assert compose_config(tmp_path, smoke=False).threads == "auto"
     assert compose_config(tmp_path, ["threads=4"], smoke=False).threads == 4
+
+
+def test_cli_sleeps_waiting_openmp_threads_unless_told_otherwise(tmp_path):
+    """`python -m r2m_lab` sets OMP_WAIT_POLICY=PASSIVE before torch loads; a policy in the environment wins."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import os, sys; from r2m_lab.threads import passive_openmp_wait; "
+        "print(passive_openmp_wait(), os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["True", "PASSIVE", "False"]
+    run = subprocess.run(
+        [sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "active"}, capture_output=True, text=True
+    )
+    assert run.stdout.split() == ["False", "active", "False"]
+    # the entry point's module (Hydra included) loads no torch before main() sets the policy
+    loaded = "import sys, r2m_lab.__main__; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", loaded], capture_output=True, text=True).stdout.strip() == "False"
