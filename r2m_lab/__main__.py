@@ -11,9 +11,13 @@ log = logging.getLogger("r2m_lab")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from r2m_lab.threads import apply_threads, passive_openmp_wait
+
+    passive_openmp_wait()  # before torch loads OpenMP: waiting threads sleep instead of spinning (see threads.py)
     from r2m_lab.memory import reuse_freed_memory
     from r2m_lab.stages import run_stage  # imported here so `--help` and config errors answer fast
 
+    apply_threads(cfg.get("threads"))  # before any tensor work: every phase of the stage runs with this count
     reuse_freed_memory()  # large merges reuse freed memory instead of page-faulting it in again (see memory.py)
     try:
         run_stage(cfg)

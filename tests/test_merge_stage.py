@@ -95,6 +95,26 @@ def test_selection_is_reused_when_nothing_changed(root):
     assert plot.read_bytes()[:4] == b"\x89PNG", "a reused selection still draws its curve in this run's folder"
 
 
+def test_selections_share_one_validation_decode_and_refuse_a_scorer_of_other_frames(root):
+    """A scorer passed in is reused across mergers (one decode) and gives the curve a fresh one gives."""
+    from r2m_lab.evaluation.scoring import UniqueFrameScorer
+    from r2m_lab.stages.merge import select_and_merge, validation_frames, validation_scorer
+
+    cfg = compose_config(root, ["stage=merge", "merger=task_arithmetic"])
+    scorer = validation_scorer(cfg)
+    shared = select_and_merge(cfg, cfg.merger, {"lam": [0.1, 0.5]}, scorer=scorer)
+    select_and_merge(cfg, cfg.merger, {"lam": [0.2]}, scorer=scorer)
+    assert scorer.decoded == len(scorer), "three grid points of two selections: the frames decoded once"
+    fresh = select_and_merge(
+        compose_config(root, ["stage=merge", "merger=task_arithmetic"]), cfg.merger, {"lam": [0.1, 0.5]}
+    )
+    assert shared["selection"]["curve"] == fresh["selection"]["curve"]
+    val = validation_frames(cfg)
+    other = UniqueFrameScorer({"validation": val.subset(np.arange(len(val) - 1))}, 8)
+    with pytest.raises(ValueError, match="built on other frames than the val split"):
+        select_and_merge(cfg, cfg.merger, {"lam": [0.1]}, scorer=other)
+
+
 @pytest.mark.parametrize("split", ["test", "unseen", "train"])
 def test_selection_refuses_any_split_but_validation(root, split):
     cfg = compose_config(

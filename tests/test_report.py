@@ -85,6 +85,66 @@ def _dataset(frame_set: FrameSet):  # noqa: ANN202 — the loaders' dataset on t
     return FrameDataset(frame_set, build_transform(INPUT))
 
 
+class TinyNet(nn.Module):
+    """A real little network (conv → pool → linear): its float sums are what batching could change."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) → (B, 2)
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+def _noise_frames(n: int, seed: int = 0) -> FrameSet:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 6, 6, 3), dtype=np.uint8)
+    keys = np.array([f"f_{i}" for i in range(n)])
+    return FrameSet("noise", rng.integers(0, 2, n), np.array([f"v_{i}" for i in range(n)]), images=images, keys=keys)
+
+
+@pytest.mark.parametrize("cache_bytes", [1 << 30, 3 * 4 * 4 * 4 * 2 * 3], ids=["cached", "chunks-of-3-batches"])
+def test_score_models_decodes_once_and_matches_one_loader_per_model(cache_bytes):
+    """Several models on one decode give the very numbers of one plain loader pass per model, cached or chunked."""
+    sets = {"validation": _noise_frames(10, 1), "test": _noise_frames(23, 2)}  # keys f_0 … f_22: 23 distinct frames
+    scorer = UniqueFrameScorer(sets, batch_size=2, cache_bytes=cache_bytes)
+    nets = {f"m{i}": TinyNet(i) for i in range(3)}
+    got = dict(scorer.score_models({label: (lambda net=net: (net, INPUT)) for label, net in nets.items()}))
+    assert list(got) == list(nets) and scorer.decoded == len(scorer) == 23, "every frame decoded once for 3 models"
+    for label, net in nets.items():
+        # the reference: the former scorer, one plain loader over the distinct frames per model
+        alone = score_frames(net, torch.utils.data.DataLoader(_dataset(scorer.unique), batch_size=2))
+        by_key = dict(zip(scorer.unique.keys.tolist(), alone, strict=True))
+        for name, frame_set in sets.items():
+            expected = np.array([by_key[k] for k in frame_set.keys.tolist()])
+            np.testing.assert_array_equal(got[label][name], expected)  # bit for bit: same batches, same arithmetic
+    np.testing.assert_array_equal(scorer.keys_of("test"), sets["test"].keys)
+
+
+def test_scorer_keeps_batches_across_calls_and_rebuilds_for_another_input():
+    scorer = UniqueFrameScorer({"validation": _noise_frames(7)}, batch_size=3)
+    net = TinyNet(0)
+    first = scorer(net, INPUT)["validation"]
+    np.testing.assert_array_equal(scorer(TinyNet(0), INPUT)["validation"], first)
+    assert scorer.decoded == 7, "a second model (a grid point) reuses the decoded batches"
+    scorer(net, {**INPUT, "input_size": 5})
+    assert scorer.decoded == 14, "another input size decodes again rather than resizing silently"
+
+
+def test_scorer_streams_a_single_model_over_budget_and_chunks_mixed_inputs():
+    """Over budget: one model streams (nothing kept); models of two input sizes in chunks each get their own size."""
+    frames_ = _noise_frames(9)
+    scorer = UniqueFrameScorer({"validation": frames_}, batch_size=2, cache_bytes=0)
+    net = MeanPixel()
+    scorer(net, INPUT)
+    assert scorer.decoded == 9 and scorer._cached is None
+    other = MeanPixel()
+    dict(scorer.score_models({"a": lambda: (net, INPUT), "b": lambda: (other, {**INPUT, "input_size": 5})}))
+    assert net.sizes == {4} and other.sizes == {5} and net.seen == other.seen + 9 == 18
+
+
 def test_unique_frame_scorer_refuses_no_sets():
     with pytest.raises(ValueError, match="at least one frame set"):
         UniqueFrameScorer({}, batch_size=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -183,3 +184,46 @@ def test_training_is_repeatable_under_a_fixed_seed(tmp_path):
         hashes[run] = state_dict_hash(Checkpoint(specialist_path(cfg, "synthetic_swap")).backbone_state())
     assert hashes["a"] == hashes["b"]
     assert hashes["a"] != hashes["c"]
+
+
+def test_side_by_side_finetunes_write_the_weights_of_one_after_the_other(tmp_path):
+    """The pipeline's spawned single-thread fine-tunes give bit-identical specialists to in-process training."""
+    from r2m_lab.stages.finetune import train_detector
+    from r2m_lab.stages.pipeline import train_side_by_side
+    from r2m_lab.weights import state_dict_hash
+
+    alone = compose_config(tmp_path / "alone", ["threads=1"])
+    assert torch.get_num_threads() == 1  # as the workers (tests/conftest.py sets it)
+    keys = list(alone.benchmark.specialists)[:2]
+    for key in keys:
+        train_detector(alone, alone.benchmark.specialists[key], kind="specialist", reuse=False)
+    side = compose_config(tmp_path / "side", ["threads=1"])
+    side.benchmark.specialists = {k: side.benchmark.specialists[k] for k in keys}
+    base_path(side).parent.mkdir(parents=True)
+    shutil.copy(base_path(alone), base_path(side))  # the same θ₀, not pretrained twice
+    shutil.copy(base_path(alone).with_suffix(".json"), base_path(side).with_suffix(".json"))
+    timings: dict[str, float] = {}
+    train_side_by_side(side, joint=False, reuse=False, group="g", workers=2, timings=timings)
+    assert set(timings) == {f"finetune/{k}" for k in keys}
+    for key in keys:
+        name = alone.benchmark.specialists[key].name
+        a, b = (Checkpoint(specialist_path(c, name)) for c in (alone, side))
+        assert state_dict_hash(a.backbone_state()) == state_dict_hash(b.backbone_state()), key
+        assert torch.equal(a.head["weight"], b.head["weight"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "jobs", "expected"),
+    [
+        (["threads=1"], 5, min(5, len(os.sched_getaffinity(0)))),
+        (["threads=1"], 1, 1),
+        (["threads=auto"], 5, 1),
+        ([f"threads={len(os.sched_getaffinity(0))}"], 5, 1),
+        (["threads=1", "trainer=ddp"], 5, 1),
+    ],
+)
+def test_finetune_workers(tmp_path, overrides, jobs, expected):
+    from r2m_lab.stages.pipeline import finetune_workers
+
+    cfg = compose_config(tmp_path, overrides)
+    assert finetune_workers(cfg, jobs) == (1 if torch.cuda.is_available() else expected)

@@ -8,7 +8,7 @@ it through the writers of :mod:`r2m_lab.evaluation.writers`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from r2m_lab.data.sources import FrameSet
+from r2m_lab.detector import Detector
 from r2m_lab.evaluation import writers
 from r2m_lab.evaluation.ensemble import check_reduction, combine
 from r2m_lab.evaluation.report import VALIDATION, ModelResult, RunReport, ScoredSet
@@ -122,8 +123,8 @@ def evaluate_models(
     """Score every checkpoint (and optionally the output ensemble of some of them, row ``ensemble``, last) on
     validation and every test set; return the report, rows in ``checkpoints`` order.
 
-    Each frame is scored once per model even where test sets share frames. Scores are written to
-    ``scores/<model>/<test set>.csv`` as each model finishes, so a crash keeps what was scored.
+    Each frame is decoded once for all models and scored once per model even where test sets share frames. Scores
+    are written to ``scores/<model>/<test set>.csv`` as each model finishes, so a crash keeps what was scored.
     """
     check_reduction(reduction)
     unknown = [m for m in ensemble if m not in checkpoints]
@@ -138,11 +139,18 @@ def evaluate_models(
     del frames, val, tests  # the report keeps labels only; the scorer holds the distinct frames
     log.info("Evaluating %d model(s) on %d unique frames (%d test sets)", len(checkpoints), len(scorer), len(sets) - 1)
 
+    def loader(path: Path) -> Callable[[], tuple[Detector, dict[str, Any]]]:
+        def load() -> tuple[Detector, dict[str, Any]]:
+            model = load_detector(cfg, Checkpoint(path))
+            return model, model_input_config(cfg, model)
+
+        return load
+
+    # Every model is run on the same decoded input batches (decoded once, not once per model).
+    scored = scorer.score_models({label: loader(path) for label, path in checkpoints.items()})
     models: dict[str, ModelResult] = {}
-    for label, path in tqdm(checkpoints.items(), desc="evaluate", unit="model"):
-        model = load_detector(cfg, Checkpoint(path))
-        scores = scorer(model, model_input_config(cfg, model), desc=label)
-        models[label] = ModelResult.from_scores(str(path), scores, sets, test_sets)
+    for label, scores in tqdm(scored, desc="evaluate", unit="model", total=len(checkpoints)):
+        models[label] = ModelResult.from_scores(str(checkpoints[label]), scores, sets, test_sets)
         writers.write_scores(out, label, models[label], sets)
     if ensemble:
         # The output ensemble: mean (or median / max) P(fake) of the members, N× the inference cost of one model.

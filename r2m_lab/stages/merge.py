@@ -184,6 +184,13 @@ def validation_frames(cfg: DictConfig, split: str = SELECTION_SPLIT) -> FrameSet
     return FrameSet.concat("validation", [instantiate(d).frames(split) for d in sets.values()])
 
 
+def validation_scorer(cfg: DictConfig, val: FrameSet | None = None) -> UniqueFrameScorer:
+    """A scorer of the pooled validation frames (``{"validation": val}``, default :func:`validation_frames`): it
+    keeps their decoded input batches, so every grid point of every selection it serves runs on one decode."""
+    val = validation_frames(cfg) if val is None else val
+    return UniqueFrameScorer({"validation": val}, int(cfg.eval_batch_size), resolve_device(cfg))
+
+
 def plot_selection(cfg: DictConfig, name: str, selection: Mapping[str, Any]) -> Path:
     """``plots/selection_<merger>.png`` in this run's folder: validation AUC per grid point, the choice marked."""
     curve = selection["curve"]
@@ -206,12 +213,14 @@ def select_and_merge(
     split: str = SELECTION_SPLIT,
     reuse: bool = False,
     label: str | None = None,
+    scorer: UniqueFrameScorer | None = None,
 ) -> dict[str, Any]:
     """Merge at every grid point, keep the one with the best validation AUC (the first on ties), save it.
 
     Each point is merged in memory and scored on the pooled in-distribution validation frames; only the winner is
     written. The card's ``selection`` holds the grid, the curve and the choice. ``label`` names the selection plot
-    (default: the merger's name; a run holding one merger twice passes its row labels).
+    (default: the merger's name; a run holding one merger twice passes its row labels). ``scorer``: a
+    :func:`validation_scorer` to reuse (a run selecting several mergers decodes the validation frames once).
     """
     name = merger_name(merger_cfg)
     plot_name = label or name
@@ -239,7 +248,10 @@ def select_and_merge(
             return card
     curve, best, best_result = [], -1, None
     start = time.perf_counter()  # the selection wall-clock: every grid merge and its validation scoring
-    scorer = UniqueFrameScorer({"validation": val}, int(cfg.eval_batch_size), device)  # shared real frames: once
+    if scorer is None:
+        scorer = validation_scorer(cfg, val)
+    elif not np.array_equal(scorer.keys_of("validation"), val.keys):
+        raise ValueError(f"select {name}: the scorer passed in was built on other frames than the {split} split")
     for i, (point, point_cfg) in enumerate(tqdm(list(zip(grid, points, strict=True)), desc=f"select {name}")):
         result = _run_merger(cfg, point_cfg, base, specialists)
         model = detector_from_state(cfg, result.backbone, result.head)

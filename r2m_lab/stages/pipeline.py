@@ -9,14 +9,20 @@ vector is compared with the specialists' in the report (``reference_rows.joint.d
 
 from __future__ import annotations
 
+import copy
 import logging
+import multiprocessing
+import os
+import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from r2m_lab.backbones import check_weights_file
 from r2m_lab.evaluation.ensemble import REDUCTIONS
@@ -28,11 +34,19 @@ from r2m_lab.stages.config_nodes import plain
 from r2m_lab.stages.evaluate import evaluate_models, write_report
 from r2m_lab.stages.families import chosen_families, restrict_benchmark
 from r2m_lab.stages.finetune import train_detector
-from r2m_lab.stages.merge import SELECTION_SPLIT, merge_specialists, open_specialists, select_and_merge
+from r2m_lab.stages.merge import (
+    SELECTION_SPLIT,
+    merge_specialists,
+    open_specialists,
+    select_and_merge,
+    validation_frames,
+    validation_scorer,
+)
 from r2m_lab.stages.merger_config import merger_hparams, merger_name, validate_merger
 from r2m_lab.stages.rows import merger_row, reference_row, specialist_row, theta0_entry
 from r2m_lab.stages.screen import screen, screen_mode
 from r2m_lab.stages.timing import stopwatch
+from r2m_lab.threads import apply_threads, parse_threads
 from r2m_lab.weights import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -200,6 +214,81 @@ def task_vector_geometry(
     return names, cosines, facts
 
 
+def finetune_workers(cfg: DictConfig, jobs: int) -> int:
+    """How many fine-tunes the pipeline runs side by side: ``cores // threads`` (at most ``jobs``) when ``threads``
+    names a count and training runs on the CPU in one process; else 1 (one after the other, as a GPU or DDP run).
+
+    ``threads=1`` on 2 cores: two single-thread processes, each core busy with no thread hand-offs between them.
+    ``threads=auto`` (torch's default, every core in one process) keeps the fine-tunes one after the other.
+    """
+    threads = parse_threads(cfg.get("threads"))
+    trainer = cfg.trainer
+    accelerator = str(trainer.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    one_process = str(trainer.get("strategy", "auto")) == "auto" and str(trainer.get("devices", 1)) in ("1", "auto")
+    if threads is None or jobs < 2 or not on_cpu or not one_process:
+        return 1
+    return max(1, min(jobs, len(os.sched_getaffinity(0)) // threads))
+
+
+def train_side_by_side(
+    cfg: DictConfig, joint: bool, reuse: bool, group: str, workers: int, timings: dict[str, float]
+) -> None:
+    """Fine-tune the specialists (and the joint model) in ``workers`` spawned processes of ``threads`` threads each.
+
+    Each fine-tune seeds itself (``train_detector``), so it writes the same weights as in the pipeline's own process
+    with the same thread count. The joint model (the longest job) is handed out first. Each job's wall-clock seconds
+    go to ``timings`` under ``finetune/<key>``, as when they run one after the other.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    jobs = ([(JOINT, "joint")] if joint else []) + [(key, "specialist") for key in cfg.benchmark.specialists]
+    hydra_cfg = HydraConfig.instance().cfg if HydraConfig.initialized() else None  # resolves ${hydra:...} there
+    root = logging.getLogger()
+    log_files = [h.baseFilename for h in root.handlers if isinstance(h, logging.FileHandler)]  # the run's log
+    job_cfg = copy.deepcopy(cfg)
+    with open_dict(job_cfg):  # two progress bars would overwrite each other's line; the log says what happens
+        job_cfg.trainer.enable_progress_bar = False
+    log.info("Fine-tuning %d models in %d processes side by side (threads=%s each)", len(jobs), workers, cfg.threads)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited OpenMP or RNG state
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = {
+            key: pool.submit(_finetune_job, job_cfg, hydra_cfg, key, kind, reuse, group, log_files, root.level)
+            for key, kind in jobs
+        }
+        for key, future in futures.items():
+            timings[f"finetune/{key}"] = future.result()  # re-raises a job's error here, with its traceback
+
+
+def _finetune_job(
+    cfg: DictConfig,
+    hydra_cfg: DictConfig | None,
+    key: str,
+    kind: str,
+    reuse: bool,
+    group: str,
+    log_files: Sequence[str],
+    level: int,
+) -> float:
+    """One fine-tune in a worker process of :func:`train_side_by_side`; returns its wall-clock seconds."""
+    if hydra_cfg is not None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.utils import setup_globals
+
+        setup_globals()  # the ${hydra:...} resolver
+        HydraConfig.instance().cfg = hydra_cfg
+    fmt = logging.Formatter(f"[%(asctime)s][%(name)s][%(levelname)s] - [{key}] %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(), *(logging.FileHandler(f) for f in log_files)]
+    for handler in handlers:
+        handler.setFormatter(fmt)
+    logging.basicConfig(level=level, handlers=handlers, force=True)
+    apply_threads(cfg.get("threads"))
+    data_cfg = cfg.benchmark.joint if kind == JOINT else cfg.benchmark.specialists[key]
+    start = time.perf_counter()
+    train_detector(cfg, data_cfg, kind, reuse, group)
+    return round(time.perf_counter() - start, 2)
+
+
 def pipeline(cfg: DictConfig) -> dict[str, Any]:
     """Run every step, reusing artifacts whose fingerprint matches (``stage.reuse``); return the report."""
     reuse = bool(cfg.stage.reuse)
@@ -215,15 +304,20 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
     check_benchmark_data(cfg, plan)
     timed("base", ensure_base, cfg)
     checkpoints: dict[str, Path] = {}
+    workers = finetune_workers(cfg, len(cfg.benchmark.specialists) + (JOINT in plan.reference_rows))
+    if workers > 1:  # side by side in single-thread processes; the same weights as one after the other
+        timed("finetune", train_side_by_side, cfg, JOINT in plan.reference_rows, reuse, group, workers, timings)
     for key, data_cfg in cfg.benchmark.specialists.items():
-        timed(f"finetune/{key}", train_detector, cfg, data_cfg, "specialist", reuse, group)
+        if workers == 1:
+            timed(f"finetune/{key}", train_detector, cfg, data_cfg, "specialist", reuse, group)
         checkpoints[f"specialist:{key}"] = specialist_path(cfg, data_cfg.name)
     references: dict[str, dict[str, Any]] = {}
     base, specialists = open_specialists(cfg)
     screening = timed("screen", screen, cfg, base, specialists)
     joint = None
     if JOINT in plan.reference_rows:
-        timed("finetune/joint", train_detector, cfg, cfg.benchmark.joint, "joint", reuse, group)
+        if workers == 1:
+            timed("finetune/joint", train_detector, cfg, cfg.benchmark.joint, "joint", reuse, group)
         checkpoints[JOINT] = specialist_path(cfg, cfg.benchmark.joint.name)
         joint = Checkpoint(checkpoints[JOINT])
         if joint.base_hash != base.base_hash:
@@ -238,16 +332,27 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
     rows = {f"specialist:{key}": specialist_row(key) for key in families}
     rows.update({r: reference_row(families) for r in plan.reference_rows})
     merge_cards = {}
+    val_scorer = validation_scorer(cfg, validation_frames(cfg, split)) if plan.grids else None  # one decode for all
     for label, merger_cfg in plan.mergers.items():
         if label in plan.grids:
             card = timed(
-                f"merge/{label}", select_and_merge, cfg, merger_cfg, plan.grids[label], split, reuse, label=label
+                f"merge/{label}",
+                select_and_merge,
+                cfg,
+                merger_cfg,
+                plan.grids[label],
+                split,
+                reuse,
+                label=label,
+                scorer=val_scorer,
             )
         else:
             card = timed(f"merge/{label}", merge_specialists, cfg, merger_cfg, reuse)
         merge_cards[label] = {k: card[k] for k in ("hparams", "merge_seconds", "diagnostics", "selection") if k in card}
         rows[label] = merger_row(card, families, variant=label if label in plan.variants else None)
         checkpoints[label] = Path(card.get("checkpoint_path", merged_path(cfg, merger_cfg)))
+
+    del val_scorer  # its decoded validation batches: the evaluation decodes every set anew
 
     members = [m for m in checkpoints if m.startswith("specialist:")]
     ensemble = "ensemble" in plan.reference_rows
@@ -276,6 +381,7 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
         "reference_rows": references,
         "screening": screening,
         "timings_seconds": timings,
+        "threads": torch.get_num_threads(),  # CPU threads of this process (the `threads` knob): timings depend on it
         "config": plain(cfg),
     }
     metrics = write_report(
