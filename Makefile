@@ -23,9 +23,11 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python -m r2m_lab
 
-## The full test suite, slow real-CLI tests included (this is what CI runs).
+## The full test suite, slow real-CLI tests included (this is what CI runs). The tests run single-threaded
+## (tests/conftest.py), so pytest-xdist spreads them over the cores: TEST_WORKERS=1 runs them in one process.
+TEST_WORKERS ?= auto
 test: install
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 ## Skip the slow real-CLI tests (local iteration only; CI always runs them).
 test-fast: install
