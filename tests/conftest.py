@@ -35,8 +35,21 @@ def compose_config(root: Path, overrides: list[str] = (), smoke: bool = True) ->
         return compose(config_name="config", overrides=[*base, *overrides])
 
 
+# The longest tests (minutes each on 2 cores), in the order they should start.
+LONGEST_FIRST = ("tests/test_paper_sweeps.py", "tests/test_cli.py", "tests/test_cluster.py")
+
+
+def _start_order(item: pytest.Item) -> tuple[int, int]:
+    path = item.nodeid.split("::")[0]
+    heavy = LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+    return (0 if "slow" in item.keywords else 1, heavy)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``gpu`` run only where CUDA is available (they are skipped, and say why, elsewhere)."""
+    """Slow tests first, the longest of them first: ``make test`` spreads tests over the cores (pytest-xdist), and a
+    long test handed out last would run alone at the end. Tests marked ``gpu`` run only where CUDA is available
+    (they are skipped, and say why, elsewhere)."""
+    items.sort(key=_start_order)  # stable: the file order within each class
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")

@@ -213,9 +213,10 @@ def test_benchmark_protocols(tmp_path):
 
 
 def test_stage_dispatch_covers_every_stage_config():
-    from r2m_lab.stages import STAGES
+    from r2m_lab.stages import STAGES, stage_function
 
     assert set(STAGES) == {f.stem for f in (CONF / "stage").glob("*.yaml")}
+    assert all(callable(stage_function(name)) for name in STAGES)  # every entry names a function that exists
 
 
 @pytest.mark.parametrize("override", ["stage=nope", "merger=nope", "data=nope", "backbone=nope"])

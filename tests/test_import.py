@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from r2m_lab.layouts import WeightsMismatch
-from r2m_lab.stages import STAGES
+from r2m_lab.stages import stage_function
 from r2m_lab.stages.artifacts import base_path, specialist_names, specialist_path
 from r2m_lab.stages.merge import merge
 from r2m_lab.stages.models import load_detector
@@ -96,7 +96,7 @@ def test_import_then_merge_average(make_cfg, released):
     theta0_file, detectors = released
     cfg = make_cfg(*import_overrides(theta0_file, {n: p for n, (p, _, _) in detectors.items()}))
     assert sorted(detectors) == sorted(specialist_names(cfg))
-    summary = STAGES["import"](cfg)
+    summary = stage_function("import")(cfg)
     base = Checkpoint(base_path(cfg))
     x = torch.randn(4, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(5))
     for name, (path, backbone, head) in detectors.items():
@@ -124,13 +124,14 @@ def test_import_then_merge_average(make_cfg, released):
     assert card["base_hash"] == base.base_hash
 
     # Importing again keeps them; another file for a family is not written over a specialist without overwrite.
-    again = STAGES["import"](cfg)
+    again = stage_function("import")(cfg)
     assert all(entry["reused"] for entry in again["specialists"].values())
     other = detectors["synthetic_edit"][0]
     swap_cfg = make_cfg(*import_overrides(theta0_file, {"synthetic_swap": other}))
     with pytest.raises(FileExistsError, match="stage.overwrite=true"):
-        STAGES["import"](swap_cfg)
-    STAGES["import"](make_cfg(*import_overrides(theta0_file, {"synthetic_swap": other}), "stage.overwrite=true"))
+        stage_function("import")(swap_cfg)
+    import_stage = stage_function("import")
+    import_stage(make_cfg(*import_overrides(theta0_file, {"synthetic_swap": other}), "stage.overwrite=true"))
     assert Checkpoint(specialist_path(cfg, "synthetic_swap")).card()["source"]["sha256"] == file_sha256(other)
 
 
@@ -142,19 +143,19 @@ def test_import_refuses_what_does_not_fit(make_cfg, released, tmp_path):
     save_dfb(stray, {**backbone, "encoder.layers.0.lora_A": torch.zeros(4, WIDTH)}, head)
     cfg = make_cfg(*import_overrides(theta0_file, {"synthetic_swap": stray}))
     with pytest.raises(WeightsMismatch, match=r"unused: module\.backbone\.encoder\.layers\.0\.lora_A"):
-        STAGES["import"](cfg)
+        stage_function("import")(cfg)
     assert not specialist_path(cfg, "synthetic_swap").exists()
     # A head that is not Linear(D, 2).
     three = tmp_path / "three.pth"
     save_dfb(three, backbone, {"weight": torch.zeros(3, WIDTH), "bias": torch.zeros(3)})
     with pytest.raises(ValueError, match=r"head must be a Linear\(32, 2\).*'weight': \(3, 32\)"):
-        STAGES["import"](make_cfg(*import_overrides(theta0_file, {"synthetic_swap": three})))
+        stage_function("import")(make_cfg(*import_overrides(theta0_file, {"synthetic_swap": three})))
     # A backbone-only file: no head to import.
     with pytest.raises(ValueError, match="without a real/fake head"):
-        STAGES["import"](make_cfg(*import_overrides(theta0_file, {"synthetic_swap": theta0_file})))
+        stage_function("import")(make_cfg(*import_overrides(theta0_file, {"synthetic_swap": theta0_file})))
     # A family the benchmark has no specialist for, and no θ₀.
     with pytest.raises(ValueError, match=r"not specialists of benchmark=synthetic"):
-        STAGES["import"](make_cfg(*import_overrides(theta0_file, {"df40_fs_ff": path})))
+        stage_function("import")(make_cfg(*import_overrides(theta0_file, {"df40_fs_ff": path})))
     no_theta0 = [*BACKBONE, "stage=import", f"stage.checkpoints={{synthetic_swap:'{path}'}}"]
     with pytest.raises(ValueError, match="needs θ₀"):
-        STAGES["import"](make_cfg(*no_theta0))
+        stage_function("import")(make_cfg(*no_theta0))
