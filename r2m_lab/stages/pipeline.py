@@ -28,6 +28,7 @@ from r2m_lab.backbones import check_weights_file
 from r2m_lab.evaluation.ensemble import REDUCTIONS
 from r2m_lab.mergers import load_merger_config, merger_names, selection_grid
 from r2m_lab.mergers.task_vectors import StateDict, cosines_from_gram, task_vector_gram
+from r2m_lab.processes import exit_with_parent
 from r2m_lab.stages.artifacts import merged_path, output_dir, specialist_path
 from r2m_lab.stages.base_model import ensure_base
 from r2m_lab.stages.config_nodes import plain
@@ -251,7 +252,9 @@ def train_side_by_side(
         job_cfg.trainer.enable_progress_bar = False
     log.info("Fine-tuning %d models in %d processes side by side (threads=%s each)", len(jobs), workers, cfg.threads)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited OpenMP or RNG state
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    # a killed pipeline takes its workers with it (they resume from their checkpoints next time)
+    pool_kwargs = {"initializer": exit_with_parent, "initargs": (os.getpid(),)}
+    with ProcessPoolExecutor(workers, mp_context=context, **pool_kwargs) as pool:
         futures = {
             key: pool.submit(_finetune_job, job_cfg, hydra_cfg, key, kind, reuse, group, log_files, root.level)
             for key, kind in jobs
