@@ -54,9 +54,13 @@ PIPELINE = ByTest("tests/test_stages.py::test_pipeline_end_to_end_and_reuse")
 SWEEPS = ByTest(
     "tests/test_cli.py::test_merger_sweep_runs_every_merger_from_a_fresh_checkout_and_leaves_real_artifacts_alone"
 )
-PAPER_SWEEPS = ByTest(
-    "tests/test_paper_sweeps.py::test_every_paper_sweep_builds_its_tables_and_a_failed_job_is_relaunched_exactly"
+MAIN_TABLES = ByTest(
+    "tests/test_paper_sweeps.py::test_main_tables_sweep_builds_its_tables_and_a_failed_job_is_relaunched_exactly"
 )
+OTHER_TABLES = ByTest(
+    "tests/test_paper_sweeps.py::test_the_other_paper_sweeps_build_their_tables_on_the_same_specialists"
+)
+SWEEP_SEEDS = ByTest("tests/test_paper_sweeps.py::test_every_paper_sweep_file_sweeps_training_seeds_0_1_2")
 TABLES = ByTest("tests/test_results_tables.py::test_stage_tables_through_the_cli")
 MULTIRUN = ByTest("tests/test_cli.py::test_multirun_merge_sweep")
 REAL_DATA = ByTest("tests/test_data.py::test_real_data_finetune_then_evaluate")
@@ -102,6 +106,13 @@ COVERAGE: dict[str, tuple[ByTest | FailsFast | Make, ...]] = {
     ),
     # README.md: analysis
     "python -m r2m_lab stage=analyze": (ByTest("tests/test_analysis.py::test_analyze_smoke_cli"),),
+    "python -m r2m_lab -m stage=analyze seed=0,1,2 merger=average train_missing=true": (
+        ByTest("tests/test_analysis.py::test_analyze_smoke_cli"),
+    ),
+    "python -m r2m_lab.analysis.summary multirun/<date>/<time> --out analysis_summary.md": (
+        ByTest("tests/test_analysis_summary.py::test_a_sweep_folder_reads_its_jobs_in_launch_order"),
+        ByTest("tests/test_analysis_summary.py::test_headline_numbers_are_mean_and_sample_std_over_the_runs"),
+    ),
     # README.md: resuming a killed fine-tune (literally: nothing to continue in a fresh root, so it stops at once)
     "python -m r2m_lab stage=finetune data=synthetic_swap resume=true": (
         FailsFast("resume=true, but there is no training checkpoint at"),
@@ -219,25 +230,28 @@ COVERAGE: dict[str, tuple[ByTest | FailsFast | Make, ...]] = {
     # a multirun (MULTIRUN) whose jobs select η on validation, then evaluate, as the ablation sweep's jobs do (SWEEPS)
     "python -m r2m_lab -m stage=merge merger=r2m rank_ratio=0.02,0.05,0.1,0.2,0.5,1.0 stage.evaluate=true "
     "'stage.select={eta:[0,1,2,3,5,8,12]}'": (MULTIRUN, SWEEPS),
-    "python -m r2m_lab -cd experiments -cn r2m_ablation": (PAPER_SWEEPS,),
-    "python -m r2m_lab -cd experiments -cn main_tables": (PAPER_SWEEPS,),
+    "python -m r2m_lab -cd experiments -cn r2m_ablation": (OTHER_TABLES, SWEEP_SEEDS),
+    "python -m r2m_lab -cd experiments -cn main_tables": (MAIN_TABLES, SWEEP_SEEDS),
     "python -m r2m_lab -cd experiments -cn scaling": (
-        PAPER_SWEEPS,
+        OTHER_TABLES,
+        SWEEP_SEEDS,
         ByTest("tests/test_scaling.py::test_scaling_merges_every_subset_on_its_own_validation_and_scores_once"),
     ),
     "python -m r2m_lab -cd experiments -cn expansion": (
-        PAPER_SWEEPS,
+        OTHER_TABLES,
+        SWEEP_SEEDS,
         ByTest("tests/test_expansion.py::test_expansion_adds_one_family_per_step_against_joint_retraining"),
     ),
     "python -m r2m_lab -cd experiments -cn head_ablation": (
-        PAPER_SWEEPS,
+        OTHER_TABLES,
+        SWEEP_SEEDS,
         ByTest("tests/test_heads.py::test_refit_sees_validation_only_and_reproduces_sklearn"),
     ),
     "python -m r2m_lab stage.families=[swap,reenact,synthesis] 'stage.reference_rows=[ensemble]'": (
         ByTest("tests/test_families.py::test_adding_a_family_trains_only_its_specialist_and_re_merges"),
     ),
-    "python -m r2m_lab stage=tables 'stage.runs=[multirun/2026-12-03/12-00-00]'": (TABLES, PAPER_SWEEPS),
-    "python -m r2m_lab stage=tables 'stage.runs=[<sweep folder>]'": (TABLES, PAPER_SWEEPS),
+    "python -m r2m_lab stage=tables 'stage.runs=[multirun/2026-12-03/12-00-00]'": (TABLES, MAIN_TABLES),
+    "python -m r2m_lab stage=tables 'stage.runs=[<sweep folder>]'": (TABLES, MAIN_TABLES),
     'make tables RUNS="multirun/2026-12-03/12-00-00 multirun/2026-12-03/13-10-00"': (
         Make(
             """-m r2m_lab stage=tables 'stage.runs=["multirun/2026-12-03/12-00-00","multirun/2026-12-03/13-10-00"]'"""
@@ -247,7 +261,7 @@ COVERAGE: dict[str, tuple[ByTest | FailsFast | Make, ...]] = {
     "python -m r2m_lab -cd experiments -cn main_tables benchmark=df40 backbone=clip_vit_l14 "
     "backbone.weights.path=/models/clip-vit-large-patch14/model.safetensors paths.data_dir=/data/df40 device=cuda": (
         FailsFast("Backbone weights for clip_vit_l14 not found at /models/clip-vit-large-patch14/model.safetensors"),
-        PAPER_SWEEPS,
+        MAIN_TABLES,
     ),
     # README.md: cluster sweeps (no SLURM here: submitit stops before submitting anything; the array it would submit
     # is rendered by a test, and a two-job sweep runs through submitit's local executor)
