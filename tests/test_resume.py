@@ -211,3 +211,42 @@ def test_a_checkpoint_write_cut_short_leaves_the_previous_checkpoint_whole(tmp_p
         AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(10_000), "later": CutShort()}, path)
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temp file is left beside it"
+
+
+class _Draws(torch.utils.data.Dataset):
+    """A dataset that returns the (augmentation seed, frame) draw it is indexed with."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, draw: tuple[int, int]) -> torch.Tensor:
+        return torch.tensor(draw)
+
+
+@pytest.mark.parametrize("forwards", [True, False], ids=["lightning>=2.6", "older wrapper"])
+def test_a_resumed_ddp_rank_draws_the_epoch_lightning_restored(forwards, monkeypatch):
+    # Under DDP Lightning wraps the sampler in a DistributedSamplerWrapper and calls set_epoch on the wrapper before
+    # each epoch (its restored epoch after a resume). Releases before 2.6 do not forward it to the sampler inside:
+    # the loader must, or a resumed rank would draw epoch 0's frames again in epoch 1.
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+    from torch.utils.data import DistributedSampler
+
+    if not forwards:
+        monkeypatch.setattr(DistributedSamplerWrapper, "set_epoch", DistributedSampler.set_epoch)
+
+    def rank0_loader() -> tuple[ResumableLoader, DistributedSamplerWrapper]:
+        wrapper = DistributedSamplerWrapper(DrawSampler(None, 16, 24, seed=1), num_replicas=2, rank=0, shuffle=False)
+        return ResumableLoader(_Draws(), batch_size=4, sampler=wrapper), wrapper
+
+    run, wrapper = rank0_loader()
+    epochs = []
+    for epoch in range(2):
+        wrapper.set_epoch(epoch)
+        epochs.append(torch.cat(list(run)))
+    assert not torch.equal(epochs[0], epochs[1])
+
+    # killed after the first batch of epoch 1: a fresh process restores the loader, then Lightning sets epoch 1
+    resumed, wrapper = rank0_loader()
+    resumed.load_state_dict({"epoch": None, "batches": 1})
+    wrapper.set_epoch(1)
+    assert torch.equal(torch.cat(list(resumed)), epochs[1][4:])

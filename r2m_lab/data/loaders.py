@@ -11,7 +11,7 @@ import lightning as L
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from r2m_lab.data.sources import FrameSet
 
@@ -93,8 +93,8 @@ class DrawSampler(Sampler[tuple[int, int]]):
     augmentation seed; yields ``(augmentation seed, frame index)``.
 
     An epoch's draws are a pure function of ``(seed, epoch)``, so a resumed run draws what an uninterrupted one would
-    have. Lightning calls :meth:`set_epoch` before each epoch; a sampler iterated without it (wrapped by Lightning's
-    ``DistributedSamplerWrapper`` under DDP) moves to the next epoch by itself after each pass.
+    have. Lightning calls :meth:`set_epoch` before each epoch (under DDP through :class:`ResumableLoader`, see there);
+    a sampler iterated without it moves to the next epoch by itself after each pass.
     """
 
     def __init__(self, weights: torch.Tensor | None, n_frames: int, num_samples: int, seed: int) -> None:
@@ -164,14 +164,18 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         self._served = self._index_sampler.skip
+        inner = _wrapped_draw_sampler(self.sampler)
+        if inner is not None:
+            # Under DDP Lightning sets the epoch (restored on resume) on its DistributedSamplerWrapper; releases before
+            # 2.6 do not pass it on to the sampler inside, which would then count passes from 0 after a resume.
+            inner.set_epoch(self.sampler.epoch)
         for batch in super().__iter__():
             self._served += 1
             yield batch
 
     def state_dict(self) -> dict[str, int | None]:
         # A DrawSampler's epoch has moved on once its pass began. Under DDP the sampler is Lightning's wrapper, whose
-        # epoch Lightning restores itself (the DrawSampler inside then starts over at epoch 0: a resumed multi-epoch
-        # DDP run redraws from the first epoch's draws; single-epoch step budgets are unaffected).
+        # epoch Lightning restores itself; __iter__ hands it to the DrawSampler inside.
         epoch = self.sampler.epoch - 1 if isinstance(self.sampler, DrawSampler) else None
         return {"epoch": epoch, "batches": self._served}
 
@@ -182,6 +186,15 @@ class ResumableLoader(DataLoader):
         if epoch is not None and isinstance(self.sampler, DrawSampler):
             self.sampler.set_epoch(epoch)
         self._index_sampler.skip = batches
+
+
+def _wrapped_draw_sampler(sampler: Any) -> DrawSampler | None:
+    """The DrawSampler inside Lightning's ``DistributedSamplerWrapper`` (a DistributedSampler over a dataset holding
+    the original sampler as ``_sampler``), or None for any other sampler."""
+    if not isinstance(sampler, DistributedSampler):
+        return None
+    inner = getattr(sampler.dataset, "_sampler", None)
+    return inner if isinstance(inner, DrawSampler) else None
 
 
 class _SkipFirst:
