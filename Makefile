@@ -24,10 +24,11 @@ demo: install
 	$(BIN)/python -m r2m_lab
 
 ## The full test suite, slow real-CLI tests included (this is what CI runs). The tests run single-threaded
-## (tests/conftest.py), so pytest-xdist spreads them over the cores: TEST_WORKERS=1 runs them in one process.
+## (tests/conftest.py), so pytest-xdist spreads them over the cores, the longest first, an idle worker taking
+## queued tests from a busy one (worksteal): TEST_WORKERS=1 runs them in one process.
 TEST_WORKERS ?= auto
 test: install
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 ## Skip the slow real-CLI tests (local iteration only; CI always runs them).
 test-fast: install
