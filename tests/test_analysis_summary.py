@@ -61,7 +61,9 @@ def payload(seed: int, pooled_eta: list[float], pooled_lam: list[float], residua
         "interference": {
             "merged:average": {
                 "groups": ["embed", "head"],
-                "families": {f: {"delta": {"embed": -0.1, "head": 0.0}} for f in fams},
+                "families": {
+                    f: {"specialist_auc": 0.9, "merged_auc": 0.7, "delta": {"embed": -0.1, "head": 0.0}} for f in fams
+                },
             }
         },
     }
@@ -92,6 +94,7 @@ def test_headline_numbers_are_mean_and_sample_std_over_the_runs(tmp_path, capsys
     assert lines["merged:average: angle of fake − real directions, own family (°)"].endswith("| 20.0 | 21.0 |")
     assert lines["lowest cosine between two heads' directions"].endswith("| 0.900 | 0.900 |")
     assert lines["merged:average: embed"].endswith("| -0.100 | -0.100 |")
+    assert lines["merged:average on each specialist's family: AUC"].endswith("| 0.700 | 0.700 |")
 
 
 def test_runs_that_measured_other_grids_are_refused_by_name(tmp_path):

@@ -307,7 +307,16 @@ def interference_section(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
             deltas = [d for d in deltas if d is not None]
             return float(np.mean(deltas)) if deltas else None
 
-        items = [(f"{merged}: {g}", lambda r, g=g: mean_delta(r, g)) for g in groups]
+        def mean_auc(run: Mapping[str, Any], key: str, m: str = merged) -> float | None:
+            aucs = [f.get(key) for f in run["interference"][m]["families"].values()]
+            aucs = [a for a in aucs if a is not None]
+            return float(np.mean(aucs)) if aucs else None
+
+        items = [
+            ("specialist on its own family: AUC", lambda r: mean_auc(r, "specialist_auc")),
+            (f"{merged} on each specialist's family: AUC", lambda r: mean_auc(r, "merged_auc")),
+            *((f"{merged}: {g}", lambda r, g=g: mean_delta(r, g)) for g in groups),
+        ]
         lines += [*_table(["", "mean ± std", *with_it], _rows(with_it, items)), ""]
     if lacking:
         lines += [f"No interference in {lacking}.", ""]
