@@ -124,4 +124,13 @@ def test_a_sweep_folder_reads_its_jobs_in_launch_order(tmp_path):
     for job, seed in (("10_seed=2", 2), ("9_seed=1", 1), ("0_seed=0", 0)):
         write(tmp_path, job, payload(seed, [0.8] * 5, [0.5] * 3))
     runs = summary.load_runs([tmp_path])
-    assert list(runs) == ["0_seed=0", "9_seed=1", "10_seed=2"]
+    assert [r["seed"] for r in runs.values()] == [0, 1, 2]  # 0_seed=0, 9_seed=1, 10_seed=2
+    assert list(runs) == ["seed0", "seed1", "seed2"]  # one run per seed: named by it
+
+
+def test_runs_of_one_seed_keep_their_folder_names(tmp_path):
+    a = write(tmp_path, "steps300", payload(0, [0.8] * 5, [0.5] * 3))
+    b = write(tmp_path, "steps1200", payload(0, [0.8] * 5, [0.5] * 3))
+    assert list(summary.load_runs([a, b])) == ["steps300", "steps1200"]
+    with pytest.raises(ValueError, match="the same run was given twice"):
+        summary.load_runs([a, a])

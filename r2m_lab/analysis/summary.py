@@ -40,8 +40,8 @@ ANALYSIS = "analysis.json"
 
 def load_runs(paths: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
     """{label: analysis.json payload}; a path is a run folder, its analysis.json, or a sweep folder (``-m
-    stage=analyze seed=0,1,2``) whose job folders hold one each. Labels are the run folders' names (made unique by
-    their parents where two names repeat)."""
+    stage=analyze seed=0,1,2``) whose job folders hold one each. Labels are ``seed<n>`` when every run has its own
+    seed, else the run folders' names (made unique by their parents where two names repeat)."""
     files = []
     for p in map(Path, paths):
         if p.is_dir() and not (p / ANALYSIS).is_file():
@@ -55,14 +55,23 @@ def load_runs(paths: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
                 f"no {ANALYSIS} at {file}: pass the run folder of a `stage=analyze` run, or its sweep folder"
             )
         files.append(file)
-    names = [f.parent.name for f in files]
-    labels = [n if names.count(n) == 1 else f"{f.parent.parent.name}/{n}" for f, n in zip(files, names, strict=True)]
-    runs = {}
-    for label, file in zip(labels, files, strict=True):
+    payloads = []
+    for file in files:
         payload = json.loads(file.read_text())
         if payload.get("stage") != "analyze":
             raise ValueError(f"{file} is not the output of stage=analyze (stage {payload.get('stage')!r})")
-        runs[label] = payload
+        payloads.append(payload)
+    seeds = [p.get("seed") for p in payloads]
+    if None not in seeds and len(set(seeds)) == len(seeds):  # one run per seed (a seed sweep): named by its seed
+        labels = [f"seed{s}" for s in seeds]
+    else:
+        names = [f.parent.name for f in files]
+        labels = [
+            n if names.count(n) == 1 else f"{f.parent.parent.name}/{n}" for f, n in zip(files, names, strict=True)
+        ]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"the same run was given twice: {[str(f) for f in files]}")
+    runs = dict(zip(labels, payloads, strict=True))
     _check_same_measurement(runs)
     return runs
 
