@@ -135,6 +135,11 @@ def _rows(
     return rows
 
 
+def _closed(lines: list[str], part: str, lacking: Sequence[str]) -> list[str]:
+    """A section's lines, then which runs lack the part (if any), then a blank line."""
+    return [*lines, *(["", f"No {part} in {list(lacking)}."] if lacking else []), ""]
+
+
 def _having(runs: Mapping[str, Mapping[str, Any]], part: str) -> tuple[dict[str, Mapping[str, Any]], list[str]]:
     have = {label: run for label, run in runs.items() if run.get(part)}
     return have, [label for label in runs if label not in have]
@@ -200,9 +205,7 @@ def curves_section(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
     families = sorted(k for k in first["eta"][0]["auc"] if k != "pooled")
     items += [(f"best η for {f} alone", lambda r, f=f: at(best(r["curves"]["eta"], "eta", f), 0)) for f in families]
     lines += _table(["", "mean ± std", *labels], _rows(have, items))
-    if lacking:
-        lines += ["", f"No curves in {lacking}."]
-    return lines + [""]
+    return _closed(lines, "curves", lacking)
 
 
 def spectra_section(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -228,9 +231,7 @@ def spectra_section(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
         items.append((f"‖r_{f}‖ before → after truncation", lambda r, f=f: _before_after(r, f)))
     lines = ["### Task-vector spectra and the Real subspace", ""]
     lines += _table(["", "mean ± std", *have], _rows(have, items))
-    if lacking:
-        lines += ["", f"No spectra in {lacking}."]
-    return lines + [""]
+    return _closed(lines, "spectra", lacking)
 
 
 def _before_after(run: Mapping[str, Any], family: str) -> str:
@@ -268,9 +269,7 @@ def similarity_section(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
         "",
         *_table(["", "mean ± std", *have], _rows(have, items)),
     ]
-    if lacking:
-        lines += ["", f"No similarity in {lacking}."]
-    return lines + [""]
+    return _closed(lines, "similarity", lacking)
 
 
 def directions_section(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -297,9 +296,7 @@ def directions_section(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
     ]
     items.append(("lowest cosine between two heads' directions", lowest_head_cosine))
     lines = ["### Fake − real directions and heads", "", *_table(["", "mean ± std", *have], _rows(have, items))]
-    if lacking:
-        lines += ["", f"No directions in {lacking}."]
-    return lines + [""]
+    return _closed(lines, "directions", lacking)
 
 
 def interference_section(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -327,9 +324,7 @@ def interference_section(runs: Mapping[str, Mapping[str, Any]]) -> list[str]:
             *((f"{merged}: {g}", lambda r, g=g: mean_delta(r, g)) for g in groups),
         ]
         lines += [*_table(["", "mean ± std", *with_it], _rows(with_it, items)), ""]
-    if lacking:
-        lines += [f"No interference in {lacking}.", ""]
-    return lines
+    return _closed(lines[:-1], "interference", lacking)
 
 
 def summary_markdown(runs: Mapping[str, Mapping[str, Any]]) -> str:
