@@ -8,11 +8,14 @@ threads were faster than one again. ``python -m r2m_lab`` therefore sets ``OMP_W
 environment already names a policy: the thread count, the work split and so every number stay those of torch's
 default, only the waiting changes. It must be set before torch is imported (OpenMP reads it once, at load).
 
-``threads: auto`` keeps torch's default (one thread per core). ``threads: N`` sets N in every process of the stage;
-on a CPU-only machine the pipeline then fine-tunes ``cores // N`` models side by side, one process each
-(``r2m_lab.stages.pipeline.finetune_workers``): on many cores, several single-thread fine-tunes of a small model
-use the machine better than one fine-tune on every core. Another thread count can change float reductions (the
-same config then gives slightly other weights), so metrics.json records the count in effect.
+``threads: auto`` keeps torch's default (one thread per core) in the stage's process. ``threads: N`` sets N in
+every process of the stage. On a CPU-only machine the pipeline fine-tunes several models side by side, one process
+each (``r2m_lab.stages.pipeline.finetune_lanes``): ``cores // N`` processes of N threads under ``threads: N``, and
+under ``auto`` one single-thread process per core when the backbone is small (``backbone.cpu_side_by_side``: the
+tiny ViT) while the pipeline's own process keeps every core for θ₀, the merges and the evaluation. Several
+single-thread fine-tunes of a small model use the cores better than one fine-tune on every core. Another thread
+count can change float reductions (the same config then gives slightly other weights), so metrics.json records the
+counts in effect (``threads``, ``finetune_lanes``).
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ def test_side_by_side_finetunes_write_the_weights_of_one_after_the_other(tmp_pat
     shutil.copy(base_path(alone), base_path(side))  # the same θ₀, not pretrained twice
     shutil.copy(base_path(alone).with_suffix(".json"), base_path(side).with_suffix(".json"))
     timings: dict[str, float] = {}
-    train_side_by_side(side, joint=False, reuse=False, group="g", workers=2, timings=timings)
+    train_side_by_side(side, joint=False, reuse=False, group="g", workers=2, threads=1, timings=timings)
     assert set(timings) == {f"finetune/{k}" for k in keys}
     for key in keys:
         name = alone.benchmark.specialists[key].name
@@ -212,18 +212,26 @@ def test_side_by_side_finetunes_write_the_weights_of_one_after_the_other(tmp_pat
         assert torch.equal(a.head["weight"], b.head["weight"])
 
 
+CORES = len(os.sched_getaffinity(0))
+
+
 @pytest.mark.parametrize(
-    ("overrides", "jobs", "expected"),
+    ("overrides", "smoke", "jobs", "expected"),
     [
-        (["threads=1"], 5, min(5, len(os.sched_getaffinity(0)))),
-        (["threads=1"], 1, 1),
-        (["threads=auto"], 5, 1),
-        ([f"threads={len(os.sched_getaffinity(0))}"], 5, 1),
-        (["threads=1", "trainer=ddp"], 5, 1),
+        (["threads=1"], True, 5, (min(5, CORES), 1) if CORES > 1 else (1, None)),
+        (["threads=1"], True, 1, (1, None)),
+        ([f"threads={CORES}"], True, 5, (1, None)),
+        (["threads=1", "trainer=ddp"], True, 5, (1, None)),
+        # auto: the tiny ViT's fine-tunes go side by side, one thread each; smoke-sized and CLIP ones do not
+        (["threads=auto"], False, 5, (min(5, CORES), 1) if CORES > 1 else (1, None)),
+        (["threads=auto"], False, 1, (1, None)),
+        (["threads=auto"], True, 5, (1, None)),
+        (["threads=auto", "backbone=clip_vit_b16"], False, 5, (1, None)),
+        (["threads=auto", "trainer=ddp"], False, 5, (1, None)),
     ],
 )
-def test_finetune_workers(tmp_path, overrides, jobs, expected):
-    from r2m_lab.stages.pipeline import finetune_workers
+def test_finetune_lanes(tmp_path, overrides, smoke, jobs, expected):
+    from r2m_lab.stages.pipeline import finetune_lanes
 
-    cfg = compose_config(tmp_path, overrides)
-    assert finetune_workers(cfg, jobs) == (1 if torch.cuda.is_available() else expected)
+    cfg = compose_config(tmp_path, overrides, smoke=smoke)
+    assert finetune_lanes(cfg, jobs) == ((1, None) if torch.cuda.is_available() else expected)
