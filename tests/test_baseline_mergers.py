@@ -411,6 +411,37 @@ def test_tsv_of_orthogonal_task_vectors_is_their_sum_and_one_task_is_itself():
     assert_close(run("tsv", vit, one, heads_for("a", 24)).backbone, one["a"], atol=1e-6, rtol=0)
 
 
+def test_tsv_randomized_truncation_matches_exact_where_the_top_q_stands_out():
+    # 96×96 task vectors with a decaying spectrum σⱼ = 0.8^j: q = 32 per task, and the sketch's 16 extra columns and
+    # 2 power iterations then find the same top-32 subspace as the exact SVD (σ₄₈/σ₃₂ ≈ 0.03), up to the float32
+    # rounding both truncations share, which the polar factor of the square U = [U_a U_b U_c] amplifies
+    torch.manual_seed(0)
+    d = 96
+    theta0 = {"blocks.0.attn.proj.weight": torch.zeros(d, d), "norm.bias": torch.zeros(d)}
+
+    def decaying() -> Tensor:
+        u, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+        return ((u * 0.8 ** torch.arange(d, dtype=torch.float64)) @ v.T).float()
+
+    specialists = {f: {"blocks.0.attn.proj.weight": decaying(), "norm.bias": torch.randn(d)} for f in "abc"}
+    heads = heads_for("abc", d)
+    exact = run("tsv", theta0, specialists, heads, svd="exact")
+    randomized = run("tsv", theta0, specialists, heads, svd="randomized")
+    key = "blocks.0.attn.proj.weight"
+    difference = (randomized.backbone[key] - exact.backbone[key]).norm() / exact.backbone[key].norm()
+    assert difference < 1e-3, difference  # float32 truncations either way; measured 1.0e-4
+    assert_close(randomized.backbone["norm.bias"], exact.backbone["norm.bias"], atol=0, rtol=0)  # τ̄ either way
+    assert randomized.diagnostics["hyperparameters"]["svd"] == "randomized"
+    assert randomized.diagnostics["kept_rank"] == exact.diagnostics["kept_rank"] == {key: 32}
+    # and the sketch really is another computation: on a flat spectrum it keeps other directions
+    flat = {f: {"blocks.0.attn.proj.weight": torch.randn(d, d), "norm.bias": torch.zeros(d)} for f in "abc"}
+    apart = (
+        run("tsv", theta0, flat, heads, svd="randomized").backbone[key] - run("tsv", theta0, flat, heads).backbone[key]
+    )
+    assert apart.norm() > 1e-2 * run("tsv", theta0, flat, heads).backbone[key].norm()
+
+
 # ----------------------------------------------------------------------------------------------------- Iso-C
 
 
@@ -481,6 +512,7 @@ OTHER_SETTINGS = {
     "dare": [{"combine": "ties", "p": 0.3}],
     "cart": [{"svd": "exact", "rank_ratio": 0.5}],
     "r2m": [{"k": 2, "center": True, "eta_mode": "relative"}],
+    "tsv": [{"svd": "randomized"}],
 }
 SETTINGS = {name: [{}, *OTHER_SETTINGS.get(name, [])] for name in merger_names()}
 CASES = [(name, kwargs) for name, options in SETTINGS.items() for kwargs in options]
@@ -652,6 +684,7 @@ BAD_KNOBS = [
     ("cart", {"svd": "lanczos"}, "svd"),
     ("cart", {"lam": float("-inf")}, "lam"),
     ("tsv", {"lam": float("nan")}, "lam"),
+    ("tsv", {"svd": "lanczos"}, "svd"),
     ("iso_c", {"lam": "1"}, "lam"),
 ]
 

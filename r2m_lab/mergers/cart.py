@@ -28,6 +28,7 @@ from torch import Tensor
 
 from r2m_lab.mergers.contract import Knobs
 from r2m_lab.mergers.task_vectors import (
+    SVD_METHODS,
     MergeResult,
     check_choice,
     is_finite_number,
@@ -37,8 +38,6 @@ from r2m_lab.mergers.task_vectors import (
     matrix_blocks,
     merge_key_by_key,
 )
-
-SVD_METHODS = ("exact", "randomized")
 
 StateDict = Mapping[str, Tensor]
 

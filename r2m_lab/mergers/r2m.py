@@ -58,6 +58,7 @@ from torch import Tensor
 
 from r2m_lab.mergers.contract import Knobs
 from r2m_lab.mergers.task_vectors import (
+    SVD_METHODS,
     MergeResult,
     apply_delta,
     average_heads,
@@ -78,7 +79,6 @@ from r2m_lab.mergers.task_vectors import (
 )
 
 BLOCK_WEIGHTS = ("none", "equal")
-SVD_METHODS = ("exact", "randomized")
 ETA_MODES = ("fixed", "core_norm", "relative")
 
 EIGEN_RTOL = 1e-12  # eigenpairs with λ ≤ 1e-12·λ_max are numerical null space (merging.md step 2)

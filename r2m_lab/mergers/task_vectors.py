@@ -38,10 +38,11 @@ StateDict = Mapping[str, Tensor]
 # above the optimal one (6 power iterations, 2.3× slower: 0.3 %); which bulk directions are kept is then not
 # identifiable, and R²M's τ_res differs from svd=exact's by 90 % of its norm (6 iterations: 69 %). The seed is fixed
 # and re-applied for every matrix, so a matrix's approximation does not depend on which other matrices were truncated
-# before it. Precision: `_randomized_factors`.
+# before it. Precision: `_randomized_svd`.
 RANDOMIZED_SVD_OVERSAMPLE = 16
 RANDOMIZED_SVD_NITER = 2
 RANDOMIZED_SVD_SEED = 0
+SVD_METHODS = ("exact", "randomized")  # the `svd` knob of CART, R²M and TSV-M
 
 # The 2-D weights inside attention and MLP blocks of a timm ViT. Split q/k/v projections (checkpoints that do not
 # fuse qkv) count too, so that truncating a fused qkv as three blocks and truncating split keys agree.
@@ -341,8 +342,9 @@ def _range_basis(matrix: Tensor) -> Tensor:
     return basis
 
 
-def _randomized_factors(matrix: Tensor, q: int) -> tuple[Tensor, Tensor]:
-    """Randomized rank-q factors of one matrix (m, n) -> US (m, q), Vh (q, n), in the matrix's dtype.
+def _randomized_svd(matrix: Tensor, q: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Randomized rank-q SVD of one matrix (m, n) -> U (m, q) orthonormal, σ (q,) descending, Vh (q, n) orthonormal
+    rows, in the matrix's dtype.
 
     Work on the tall side A (m ≥ n), with k = q + RANDOMIZED_SVD_OVERSAMPLE columns. Range finder, in float32 whatever
     the input: Y = A Ω, then RANDOMIZED_SVD_NITER power iterations Y ← A (Aᵀ Y), each product's result reduced to a
@@ -374,33 +376,43 @@ def _randomized_factors(matrix: Tensor, q: int) -> tuple[Tensor, Tensor]:
     left = left @ u[:, :q]  # (m, q) orthonormal
     vh = wh[:q] @ right.mT  # (q, n)
     if rows >= cols:
-        return left * s[None, :q], vh
-    return vh.mT * s[None, :q], left.mT  # A = (tall)ᵀ ≈ (Vh_qᵀ S)(left)ᵀ
+        return left, s[:q], vh
+    return vh.mT, s[:q], left.mT  # A = (tall)ᵀ ≈ Vh_qᵀ S leftᵀ
 
 
-def low_rank_factors(matrices: Tensor, q: int, method: str = "exact") -> tuple[Tensor, Tensor]:
-    """Best rank-q approximation of each matrix, as factors: (..., m, n) -> US (..., m, q), Vh (..., q, n).
+def truncated_svd(matrices: Tensor, q: int, method: str = "exact") -> tuple[Tensor, Tensor, Tensor]:
+    """The top q singular triplets of each matrix: (..., m, n) -> U (..., m, q), σ (..., q), Vh (..., q, n).
 
     `exact`: torch.linalg.svd in the input's dtype. `randomized`: a randomized SVD with RANDOMIZED_SVD_OVERSAMPLE
     extra columns and RANDOMIZED_SVD_NITER power iterations, seeded per matrix (results do not depend on batch
-    neighbours or call order); float64 input gets a float32 range finder and a float64 finish (`_randomized_factors`;
+    neighbours or call order); float64 input gets a float32 range finder and a float64 finish (`_randomized_svd`;
     accuracy: the comment above RANDOMIZED_SVD_OVERSAMPLE). It falls back to the exact SVD
     when q plus the oversampling reaches min(m, n), where a randomized sketch would save nothing.
     """
     rows, cols = matrices.shape[-2:]
     if not 1 <= q <= min(rows, cols):
         raise ValueError(f"rank {q} is outside [1, {min(rows, cols)}] for {rows}×{cols} matrices")
-    if method not in ("exact", "randomized"):
-        raise ValueError(f"svd must be 'exact' or 'randomized', got {method!r}")
+    if method not in SVD_METHODS:
+        raise ValueError(f"svd must be one of {SVD_METHODS}, got {method!r}")
     if method == "exact" or q + RANDOMIZED_SVD_OVERSAMPLE >= min(rows, cols):
         u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
-        return u[..., :q] * s[..., None, :q], vh[..., :q, :]
+        return u[..., :q], s[..., :q], vh[..., :q, :]
     flat = matrices.reshape(-1, rows, cols)
-    factors = [_randomized_factors(matrix, q) for matrix in flat]  # one seeded sketch per matrix
+    triplets = [_randomized_svd(matrix, q) for matrix in flat]  # one seeded sketch per matrix
     batch = matrices.shape[:-2]
-    us = torch.stack([f[0] for f in factors]).reshape(*batch, rows, q)
-    vh = torch.stack([f[1] for f in factors]).reshape(*batch, q, cols)
-    return us, vh
+    u = torch.stack([t[0] for t in triplets]).reshape(*batch, rows, q)
+    s = torch.stack([t[1] for t in triplets]).reshape(*batch, q)
+    vh = torch.stack([t[2] for t in triplets]).reshape(*batch, q, cols)
+    return u, s, vh
+
+
+def low_rank_factors(matrices: Tensor, q: int, method: str = "exact") -> tuple[Tensor, Tensor]:
+    """Best rank-q approximation of each matrix, as factors: (..., m, n) -> US (..., m, q), Vh (..., q, n).
+
+    ``method``: "exact" or "randomized", as in `truncated_svd`.
+    """
+    u, s, vh = truncated_svd(matrices, q, method)
+    return u * s[..., None, :], vh
 
 
 # ------------------------------------------------------------------------------------------------ polar factor

@@ -22,12 +22,18 @@ treats open_clip's fused `in_proj_weight` as one 3d×d matrix. Here only the wei
 are matrix keys, a fused qkv is three d×d blocks (so fusion does not change the result), and timm's 3-D
 (1 × L × d) `pos_embed` is averaged (τ̄) like every other non-matrix key.
 
-The N truncating SVDs run in float32 (weights are float32 or narrower); the two polar factors are float64, by default
-(`polar: gram`) from the eigen-decomposition of their (Nq × Nq) Gram matrices, ~2-3× faster than their SVDs on CPU and
-the same in exact arithmetic, with the SVD for an ill-conditioned U or V (task_vectors.polar_factor; `polar: svd`
-always). A randomized truncation does not pay here: q = min(m, n)/N is a third of the rank at N = 3, where a sketch
-with power iterations costs as much as the exact SVD (measured on a ViT-L 1024 × 1024 block: 2.2 s against 1.5 s).
-One streaming pass; one key of all N specialists in memory at a time.
+The N truncating SVDs run in float32 (weights are float32 or narrower): `svd: exact` (default, the papers' route)
+takes the top q triplets of torch.linalg.svd; `svd: randomized` those of the seeded randomized SVD R²M and CART use
+(task_vectors.truncated_svd: q + 16 columns, 2 power iterations). The truncations are most of TSV-M's time. At N = 3
+q is a third of the rank, deep inside the flat noise bulk of a fine-tune-like τ, so WHICH bulk directions are kept is
+not identifiable: on the `make bench-merge` ViT-L/14 task vectors (layer 0's four matrix keys) each randomized
+truncation's error is 2.4-2.6 % above the optimal one, but the merged τ* differs from svd=exact's by 84 % of its
+norm. It is a different rank-q choice of similar quality, not an approximation of exact's result: exact stays the
+default (and what the papers and peer code compute); randomized is for fast sweeps, its speed in the README.
+The two polar factors are float64, by default (`polar: gram`) from the eigen-decomposition of their (Nq × Nq) Gram
+matrices, ~2-3× faster than their SVDs on CPU and the same in exact arithmetic, with the SVD for an ill-conditioned U
+or V (task_vectors.polar_factor; `polar: svd` always). One streaming pass; one key of all N specialists in memory at a
+time.
 """
 
 from __future__ import annotations
@@ -41,27 +47,29 @@ from torch import Tensor
 from r2m_lab.mergers.contract import ScaledKnobs
 from r2m_lab.mergers.task_vectors import (
     POLAR_METHODS,
+    SVD_METHODS,
     MergeResult,
     check_choice,
     is_matrix_key,
     matrix_blocks,
     merge_key_by_key,
     polar_factor,
+    truncated_svd,
 )
 
 StateDict = Mapping[str, Tensor]
 
 
-def task_singular_vectors_merge(key: str, taus: Tensor, polar: str = "gram") -> tuple[Tensor, int]:
+def task_singular_vectors_merge(key: str, taus: Tensor, polar: str = "gram", svd: str = "exact") -> tuple[Tensor, int]:
     """TSV-M on one matrix key: (N, m, n) float64 -> ((m, n) float64 merged, q kept per task and block).
 
     ``polar``: how the polar factors of the concatenated U and V are computed (`task_vectors.polar_factor`).
+    ``svd``: "exact" or "randomized" truncation (`task_vectors.truncated_svd`).
     """
     blocks = matrix_blocks(key, taus).to(torch.float32)  # (N, B, m/B, n)
     n_tasks, n_blocks, rows, cols = blocks.shape
     q = max(1, min(rows, cols) // n_tasks)
-    u, s, vh = torch.linalg.svd(blocks, full_matrices=False)  # (N, B, m, r), (N, B, r), (N, B, r, n)
-    u, s, vh = u[..., :q], s[..., :q], vh[..., :q, :]
+    u, s, vh = truncated_svd(blocks, q, svd)  # (N, B, m, q), (N, B, q), (N, B, q, n)
     # task-major concatenation along the rank axis: (B, m, N·q), (B, N·q), (B, N·q, n)
     u_all = u.permute(1, 2, 0, 3).reshape(n_blocks, rows, n_tasks * q)
     s_all = s.permute(1, 0, 2).reshape(n_blocks, n_tasks * q)
@@ -75,14 +83,16 @@ def task_singular_vectors_merge(key: str, taus: Tensor, polar: str = "gram") -> 
 @dataclass(frozen=True)
 class TSV(ScaledKnobs):
     """TSV-M (module docstring). lam: λ on the merged task vector; polar: "gram" | "svd", how the polar factors are
-    computed (`task_vectors.polar_factor`)."""
+    computed (`task_vectors.polar_factor`); svd: "exact" | "randomized", how each τᵢ is truncated."""
 
     polar: str
+    svd: str
 
     def check(self, n_tasks: int | None = None) -> None:
-        """Refuse a λ that is not a finite number, or an unknown polar method."""
+        """Refuse a λ that is not a finite number, or an unknown polar or svd method."""
         super().check(n_tasks)
         check_choice("polar", self.polar, POLAR_METHODS)
+        check_choice("svd", self.svd, SVD_METHODS)
 
     def __call__(
         self, theta0: StateDict, specialists: Mapping[str, StateDict], heads: Mapping[str, Mapping[str, Tensor]]
@@ -94,9 +104,10 @@ class TSV(ScaledKnobs):
         def combine(key: str, taus: Tensor) -> Tensor:
             if not (is_matrix_key(key) and taus.ndim == 3):
                 return lam * taus.mean(0)
-            merged, ranks[key] = task_singular_vectors_merge(key, taus, self.polar)
+            merged, ranks[key] = task_singular_vectors_merge(key, taus, self.polar, self.svd)
             return lam * merged
 
-        result = merge_key_by_key(theta0, specialists, heads, "tsv", combine, {"lam": lam, "polar": self.polar})
+        hyperparameters = {"lam": lam, "polar": self.polar, "svd": self.svd}
+        result = merge_key_by_key(theta0, specialists, heads, "tsv", combine, hyperparameters)
         result.diagnostics["kept_rank"] = ranks  # q per task and matrix (per d×d block for a fused qkv)
         return result

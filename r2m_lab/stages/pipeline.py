@@ -250,8 +250,9 @@ def train_side_by_side(
     """Fine-tune the specialists (and the joint model) in ``workers`` spawned processes of ``threads`` threads each.
 
     Each fine-tune seeds itself (``train_detector``), so it writes the same weights as in the pipeline's own process
-    with the same thread count (another count can change float reductions, hence the weights' last bits). The joint model (the longest job) is handed out first. Each job's wall-clock seconds
-    go to ``timings`` under ``finetune/<key>``, as when they run one after the other.
+    with the same thread count (another count can change float reductions, hence the weights' last bits). The joint
+    model (the longest job) is handed out first. Each job's wall-clock seconds go to ``timings`` under
+    ``finetune/<key>``, as when they run one after the other.
     """
     from hydra.core.hydra_config import HydraConfig
 
@@ -324,7 +325,14 @@ def pipeline(cfg: DictConfig) -> dict[str, Any]:
     if workers > 1:  # side by side in worker processes (see finetune_lanes)
         assert lane_threads is not None
         timed(
-            "finetune", train_side_by_side, cfg, JOINT in plan.reference_rows, reuse, group, workers, lane_threads,
+            "finetune",
+            train_side_by_side,
+            cfg,
+            JOINT in plan.reference_rows,
+            reuse,
+            group,
+            workers,
+            lane_threads,
             timings,
         )
     for key, data_cfg in cfg.benchmark.specialists.items():
