@@ -217,6 +217,73 @@ def test_ties_streaming_threshold_on_continuous_values_and_tiny_magnitudes():
         assert found.thresholds[1] == 0 and found.thresholds[2] == 0  # 40 non-zeros < k: every one is kept
 
 
+def bracket_case(dtype: torch.dtype = torch.float32) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+    """Keys large enough for the sampled bracket (several SAMPLE_STRIDE groups), per-key scales a decade apart, one
+    quantised key whose magnitudes tie thousands of times, a key no specialist changes, and a small tail key. Weights
+    at a ViT's initial scale (0.02), so that bfloat16 keeps the updates."""
+    g = torch.Generator().manual_seed(11)
+    theta0 = {
+        "blocks.0.attn.qkv.weight": (0.02 * torch.randn(96, 512, generator=g)).to(dtype),
+        "blocks.0.mlp.fc1.weight": (0.02 * torch.randn(128, 300, generator=g)).to(dtype),
+        "blocks.0.mlp.fc2.weight": (0.02 * torch.randn(300, 128, generator=g)).to(dtype),  # unchanged by all
+        "blocks.0.norm1.bias": torch.zeros(77, dtype=dtype),
+    }
+    specialists = {}
+    for i, f in enumerate("abc"):
+        deltas = {
+            "blocks.0.attn.qkv.weight": torch.randn(96, 512, generator=g) * 10.0 ** (i - 4),
+            "blocks.0.mlp.fc1.weight": torch.randint(-40, 41, (128, 300), generator=g) * 2.0**-12,
+            "blocks.0.norm1.bias": torch.randn(77, generator=g) * 1e-2,
+        }
+        specialists[f] = {k: (v + deltas[k]).to(dtype) if k in deltas else v.clone() for k, v in theta0.items()}
+    return theta0, specialists
+
+
+@pytest.mark.parametrize("sample_target", [ties.SAMPLE_TARGET, 4096])  # the whole task vector | runs, 1 in 30
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.45])
+def test_ties_bracket_thresholds_are_exact(dtype, density, sample_target, monkeypatch):
+    monkeypatch.setattr(ties, "SAMPLE_TARGET", sample_target)
+    theta0, specialists = bracket_case(dtype)
+    names = sorted(specialists)
+    entries = sum(v.numel() for v in theta0.values())
+    stride = ties.SAMPLE_RUN * max(1, entries // sample_target)
+    sample, weights = ties.sample_magnitudes(theta0, specialists, names, list(theta0), stride)
+    assert float(weights.sum()) == entries  # every entry is stood for exactly once, remainders included
+    # a model smaller than the target is sampled whole (the bracket is then exact); a larger one in runs
+    assert sample.shape[1] == entries if sample_target >= entries else sample.shape[1] < entries / 10
+    found = ties.global_thresholds(theta0, specialists, names, density)
+    if density <= 0.2 or sample_target >= entries:
+        # the sampled bracket held: one chunked pass, no histogram (at 0.45 a sparse sample's wide bracket may reach
+        # task a's 44 % of zeros, and the histogram takes over: exact all the same)
+        assert found.method == "bracket"
+    assert found.thresholds.tolist() == concatenated_thresholds(theta0, specialists, density)
+    assert (
+        found.thresholds.tolist() == ties.histogram_thresholds(theta0, specialists, names, density).thresholds.tolist()
+    )
+    if sample_target >= entries:  # it gathered a thin slice around the k-th value, not the task vector
+        assert 0 < max(found.gathered) < 0.2 * found.entries
+
+
+def test_ties_bracket_that_misses_falls_back_to_the_histogram(monkeypatch):
+    theta0, specialists = bracket_case()
+    names = sorted(specialists)
+    sample = ties.sample_magnitudes
+    # a sample whose magnitudes are 10× too large puts the bracket far above the k-th value: the pass finds fewer than
+    # k entries above it and more than the bracket, so the exact route must take over
+    monkeypatch.setattr(ties, "sample_magnitudes", lambda *args: (sample(*args)[0] * 10, sample(*args)[1]))
+    assert ties.bracket_thresholds(theta0, specialists, names, 0.2) is None
+    found = ties.global_thresholds(theta0, specialists, names, 0.2)
+    assert found.method == "histogram"
+    assert found.thresholds.tolist() == concatenated_thresholds(theta0, specialists, 0.2)
+    result = run("ties", theta0, specialists, heads_for("abc"), density=0.2)
+    assert result.diagnostics["threshold_method"] == "histogram"
+    monkeypatch.undo()
+    again = run("ties", theta0, specialists, heads_for("abc"), density=0.2)
+    assert again.diagnostics["threshold_method"] == "bracket"
+    assert_same_backbone(again.backbone, result.backbone)  # the route changes the time, never the merge
+
+
 def test_ties_density_one_identical_specialists_give_that_specialist():
     vit = tiny_vit()
     specialist = perturbed(vit, 1)

@@ -541,6 +541,24 @@ def _merge_key_in_chunks(
     return merged.reshape(reference.shape), key_gram, checksum
 
 
+def cpu_tensors(
+    theta0: StateDict, specialists: Mapping[str, StateDict], names: Sequence[str], key: str
+) -> list[Tensor]:
+    """The specialists' tensors for one floating CPU key of θ₀, each read once (as `read_task_vectors` reads them),
+    checked for θ₀'s shape, dtype and device; raises ValueError naming specialist and key otherwise. Values are not
+    checked here: chunked passes check a running sum instead."""
+    reference = theta0[key]
+    tensors = [specialists[name][key] for name in names]
+    if not all(
+        isinstance(t, Tensor) and t.shape == reference.shape and t.dtype == reference.dtype and t.is_cpu
+        for t in tensors
+    ):
+        for name, tensor in zip(names, tensors, strict=True):
+            check_tensor(name, key, reference, tensor)  # raises on a shape or dtype mismatch
+        raise ValueError(f"key {key!r}: some specialist's tensor is not on theta0's device (cpu)")
+    return tensors
+
+
 def merge_keys(
     theta0: StateDict,
     specialists: Mapping[str, StateDict],
@@ -562,14 +580,7 @@ def merge_keys(
     for key in theta0:
         reference = theta0[key]
         if elementwise and reference.device.type == "cpu" and reference.is_floating_point():
-            tensors = [specialists[name][key] for name in names]  # each read once, as `read_task_vectors` reads them
-            if not all(
-                isinstance(t, Tensor) and t.shape == reference.shape and t.dtype == reference.dtype and t.is_cpu
-                for t in tensors
-            ):
-                for name, tensor in zip(names, tensors, strict=True):
-                    check_tensor(name, key, reference, tensor)  # raises on a shape or dtype mismatch
-                raise ValueError(f"key {key!r}: some specialist's tensor is not on theta0's device (cpu)")
+            tensors = cpu_tensors(theta0, specialists, names, key)
             merged, key_gram, checksum = _merge_key_in_chunks(reference, tensors, functools.partial(combine, key))
             if not math.isfinite(float(checksum)):  # a NaN/inf somewhere (or an overflowing sum): name the tensor
                 check_tensor("theta0", key, reference, reference)
