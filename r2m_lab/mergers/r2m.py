@@ -279,7 +279,9 @@ def _pass2(
         flat = taus.reshape(n, -1)  # (N, P)
         core = key_core(flat, weights, key in first.core_keys, center)  # (P,)
         residuals = flat - core  # (N, P)
-        acc.norm_sq_before += residuals.square().sum(1).cpu()
+        # one BLAS dot per row: no (N, P) float64 temporary of squares (measured on a (3, 4M) key: 1.8 ms against
+        # 17 ms, ~2 s of a ViT-L/14 merge); these diagnostics agree with the squares' sum to float64 rounding
+        acc.norm_sq_before += torch.stack([row.dot(row) for row in residuals]).cpu()
         acc.core_dot += (flat @ core).cpu()
         acc.core_sq += float(core @ core)
         if truncation and is_matrix_key(key) and taus.ndim == 3:

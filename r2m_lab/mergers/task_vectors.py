@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -332,13 +333,14 @@ def _range_basis(matrix: Tensor) -> Tensor:
     # _ex: no error on a rank-deficient matrix (a zero or low-rank residual): LAPACK then leaves the zero column of the
     # elimination unscaled, and the unit-diagonal L still spans range(matrix) plus arbitrary bounded directions
     factors, pivots, _ = torch.linalg.lu_factor_ex(matrix)
-    rows, cols = matrix.shape
-    lower = factors.tril(-1) + torch.eye(rows, cols, dtype=matrix.dtype, device=matrix.device)  # (m, k), unit diagonal
-    order = list(range(rows))  # LAPACK's pivots are successive row swaps (1-based): P·L puts row i of L at order[i]
+    lower = factors.tril_(-1)  # (m, k): L below the diagonal, written in place (the factors are ours)
+    lower.diagonal().fill_(1.0)  # unit diagonal
+    order = np.arange(matrix.shape[0])  # LAPACK's pivots are successive row swaps (1-based): P·L puts row i at order[i]
     for row, pivot in enumerate((pivots - 1).tolist()):
         order[row], order[pivot] = order[pivot], order[row]
-    basis = torch.empty_like(lower)
-    basis[torch.tensor(order, device=matrix.device)] = lower
+    # row-major like the matrix (LAPACK's factors are column-major): the products that follow run on this layout
+    basis = torch.empty(lower.shape, dtype=lower.dtype, device=lower.device)
+    basis[torch.from_numpy(order).to(matrix.device)] = lower
     return basis
 
 
