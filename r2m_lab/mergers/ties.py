@@ -164,8 +164,8 @@ def global_thresholds(
     the histogram passes when the bracket misses; otherwise the histogram passes (`histogram_thresholds`). Both give
     the same thresholds; ``method`` says which ran. ``transform``: see `histogram_thresholds`.
     """
-    floating = [key for key, value in theta0.items() if value.is_floating_point()]
-    if transform is None and floating and all(theta0[key].device.type == "cpu" for key in floating):
+    devices = {value.device.type for value in theta0.values() if value.is_floating_point()}  # one read of each key
+    if transform is None and devices == {"cpu"}:
         found = bracket_thresholds(theta0, specialists, names, density)
         if found is not None:
             return found
