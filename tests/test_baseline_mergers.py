@@ -265,6 +265,18 @@ def test_ties_bracket_thresholds_are_exact(dtype, density, sample_target, monkey
         assert 0 < max(found.gathered) < 0.2 * found.entries
 
 
+def test_ties_bracket_gathers_across_chunks_and_grows_its_buffer(monkeypatch):
+    # chunks of 256 entries and a first buffer of ~300 values: the gathered ~5 000 per task overflow it several times
+    monkeypatch.setattr(ties, "ELEMENTWISE_CHUNK", 256)
+    monkeypatch.setattr(ties, "GATHER_CAPACITY", 0.01)
+    theta0, specialists = bracket_case()
+    names = sorted(specialists)
+    found = ties.bracket_thresholds(theta0, specialists, names, 0.2)
+    assert found is not None and found.method == "bracket"
+    assert min(found.gathered) > 4 * 300
+    assert found.thresholds.tolist() == concatenated_thresholds(theta0, specialists, 0.2)
+
+
 def test_ties_bracket_that_misses_falls_back_to_the_histogram(monkeypatch):
     theta0, specialists = bracket_case()
     names = sorted(specialists)

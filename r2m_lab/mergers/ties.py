@@ -89,6 +89,7 @@ SAMPLE_RUN = 16
 SAMPLE_TARGET = 1 << 20
 BRACKET_Z = 4.0
 BRACKET_MIN_WIDTH = 0.005
+GATHER_CAPACITY = 2.5  # × δ·k: the first size of the buffer that holds the gathered values (≈ 2·δ·k expected)
 
 StateDict = Mapping[str, Tensor]
 # Rewrites one key's task-vector stack before trimming: (key, (N, *shape) float64) -> (N, *shape) float64 (DARE).
@@ -300,7 +301,12 @@ def bracket_thresholds(
     if not bool((low > 0).all()):  # a bracket reaching 0 would gather every unchanged entry
         return None
     above = torch.zeros(n, dtype=torch.int64)
-    gathered: list[list[Tensor]] = [[] for _ in range(n)]
+    # The gathered values go into one preallocated buffer per task (sized for the ≈ 2·δ·k expected, doubled if ties
+    # overflow it) rather than a small tensor per chunk: thousands of small long-lived blocks between the per-key
+    # temporaries fragmented the heap, and the peak RSS of identical runs spread from 1.4 to 5.4 GB (ViT-L/14).
+    capacity = int(GATHER_CAPACITY * width * k) + ELEMENTWISE_CHUNK
+    gathered = [torch.empty(capacity, dtype=torch.float64) for _ in range(n)]
+    filled = [0] * n
     buffer = torch.empty(n, ELEMENTWISE_CHUNK, dtype=torch.float32)
     for key in keys:
         reference = theta0[key].reshape(-1)
@@ -326,12 +332,19 @@ def bracket_thresholds(
             task, column = inside.nonzero().unbind(1)  # (M,), (M,)
             counts = torch.bincount(task, minlength=n).tolist()
             for i, positions in enumerate(column.add_(start).split(counts)):
-                if positions.numel():
-                    exact = flats[i].index_select(0, positions).to(torch.float64)
-                    gathered[i].append(exact.sub_(reference.index_select(0, positions).to(torch.float64)).abs_())
+                if not positions.numel():
+                    continue
+                if filled[i] + positions.numel() > gathered[i].numel():  # more ties than expected: double
+                    grown = torch.empty(2 * gathered[i].numel() + positions.numel(), dtype=torch.float64)
+                    grown[: filled[i]] = gathered[i][: filled[i]]
+                    gathered[i] = grown
+                exact = gathered[i][filled[i] : filled[i] + positions.numel()]
+                exact.copy_(flats[i].index_select(0, positions))
+                exact.sub_(reference.index_select(0, positions).to(torch.float64)).abs_()
+                filled[i] += positions.numel()
     thresholds, sizes = [], []
     for i in range(n):
-        values = torch.cat(gathered[i]) if gathered[i] else torch.zeros(0, dtype=torch.float64)
+        values = gathered[i][: filled[i]]
         need = k - int(above[i])
         if not 1 <= need <= values.numel():
             return None
