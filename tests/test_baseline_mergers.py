@@ -277,14 +277,21 @@ def test_ties_bracket_gathers_across_chunks_and_grows_its_buffer(monkeypatch):
     assert found.thresholds.tolist() == concatenated_thresholds(theta0, specialists, 0.2)
 
 
-def test_ties_bracket_that_misses_falls_back_to_the_histogram(monkeypatch):
+def test_ties_bracket_that_misses_falls_back_to_the_histogram(monkeypatch, caplog):
     theta0, specialists = bracket_case()
     names = sorted(specialists)
     sample = ties.sample_magnitudes
+
+    def too_large(*args):
+        magnitudes, weights = sample(*args)
+        return magnitudes * 10, weights
+
     # a sample whose magnitudes are 10× too large puts the bracket far above the k-th value: the pass finds fewer than
     # k entries above it and more than the bracket, so the exact route must take over
-    monkeypatch.setattr(ties, "sample_magnitudes", lambda *args: (sample(*args)[0] * 10, sample(*args)[1]))
-    assert ties.bracket_thresholds(theta0, specialists, names, 0.2) is None
+    monkeypatch.setattr(ties, "sample_magnitudes", too_large)
+    with caplog.at_level("INFO", logger="r2m_lab.mergers.ties"):
+        assert ties.bracket_thresholds(theta0, specialists, names, 0.2) is None
+    assert "missed a's k-th value" in caplog.text  # the slower route is announced, not silent
     found = ties.global_thresholds(theta0, specialists, names, 0.2)
     assert found.method == "histogram"
     assert found.thresholds.tolist() == concatenated_thresholds(theta0, specialists, 0.2)

@@ -47,6 +47,7 @@ key nobody changed only twice; once with `trim_scope="per_tensor"`, where every 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ from r2m_lab.mergers.task_vectors import (
     merge_keys,
     read_task_vectors,
 )
+
+log = logging.getLogger(__name__)
 
 TRIM_SCOPES = ("global", "per_tensor")
 MERGE_FNS = ("disjoint_mean", "sum")
@@ -165,12 +168,8 @@ def global_thresholds(
     the histogram passes when the bracket misses; otherwise the histogram passes (`histogram_thresholds`). Both give
     the same thresholds; ``method`` says which ran. ``transform``: see `histogram_thresholds`.
     """
-    devices = {value.device.type for value in theta0.values() if value.is_floating_point()}  # one read of each key
-    if transform is None and devices == {"cpu"}:
-        found = bracket_thresholds(theta0, specialists, names, density)
-        if found is not None:
-            return found
-    return histogram_thresholds(theta0, specialists, names, density, transform)
+    found = bracket_thresholds(theta0, specialists, names, density) if transform is None else None
+    return found if found is not None else histogram_thresholds(theta0, specialists, names, density, transform)
 
 
 def histogram_thresholds(
@@ -267,7 +266,8 @@ def bracket_thresholds(
     names: Sequence[str],
     density: float,
 ) -> GlobalThresholds | None:
-    """The exact thresholds from a sampled bracket and one chunked float32 pass, or None where the bracket misses.
+    """The exact thresholds from a sampled bracket and one chunked float32 pass; None where θ₀ is not on the CPU, at
+    density 1, or where the bracket misses (logged: the histogram route then takes over, exact and slower).
 
     1. `sample_magnitudes` estimates, per task, the magnitudes lᵢ ≤ hᵢ whose weighted ranks from the top are
        k·(1 ± δ) (float32 values; δ: the comment above SAMPLE_RUN).
@@ -281,8 +281,11 @@ def bracket_thresholds(
     magnitude at least as large; below lᵢ likewise. Counting and gathering by aᵢ therefore splits the float64
     magnitudes at the same ranks. NaN/inf make every comparison false: the merge pass names the tensor.
     """
-    keys = [key for key, value in theta0.items() if value.is_floating_point()]
-    entries = sum(theta0[key].numel() for key in keys)
+    floating = {key: (value.numel(), value.device.type) for key, value in theta0.items() if value.is_floating_point()}
+    if {device for _, device in floating.values()} != {"cpu"}:  # a GPU merge: whole keys suit it (histogram)
+        return None
+    keys = list(floating)
+    entries = sum(size for size, _ in floating.values())
     n = len(names)
     k = kept_count(density, entries)
     if k >= entries:  # density 1 (or D tiny): the threshold is the smallest magnitude, often 0; the histogram has it
@@ -299,6 +302,7 @@ def bracket_thresholds(
     bounds = sample.gather(1, order.gather(1, position)).to(torch.float32)  # (N, 2): hᵢ, lᵢ
     high, low = bounds[:, :1].contiguous(), bounds[:, 1:].contiguous()  # (N, 1) float32
     if not bool((low > 0).all()):  # a bracket reaching 0 would gather every unchanged entry
+        log.info("TIES thresholds: the sampled bracket reaches 0 (most entries unchanged): histogram route instead")
         return None
     above = torch.zeros(n, dtype=torch.int64)
     # The gathered values go into one preallocated buffer per task (sized for the ≈ 2·δ·k expected, doubled if ties
@@ -347,6 +351,11 @@ def bracket_thresholds(
         values = gathered[i][: filled[i]]
         need = k - int(above[i])
         if not 1 <= need <= values.numel():
+            log.info(
+                "TIES thresholds: the sampled bracket missed %s's k-th value (k %d, %d above, %d inside): histogram "
+                "route instead (exact, one more pass)",
+                names[i], k, int(above[i]), values.numel(),
+            )  # fmt: skip
             return None
         # the need-th largest = the (m − need + 1)-th smallest: kthvalue's selection, ~4× faster than topk's here
         thresholds.append(float(torch.kthvalue(values, values.numel() - need + 1).values))
